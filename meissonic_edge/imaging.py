@@ -1,0 +1,44 @@
+"""Turning decoded images (float, [0, 1], channels-first) into PIL images, and saving them safely."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from meissonic_edge.errors import OptionsError
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(B, 3, H, W) float in [0, 1] -> B RGB images; values are clipped and rounded as upstream does."""
+    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return [Image.fromarray(p) for p in pixels]
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write `image` to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OptionsError(f"cannot write {path}: folder {folder} does not exist")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise OptionsError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

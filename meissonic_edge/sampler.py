@@ -1,0 +1,190 @@
+"""The masked sampling loop (MaskGIT-style parallel decoding), in numpy.
+
+One module, shared by the PyTorch reference pipeline and the onnxruntime runtime: both hand it a
+`Denoiser` (anything with `logits(tokens, timestep)`), so with the same logits and the same seed they
+pick the same tokens. Semantics follow upstream Meissonic's scheduler (MEISSONIC.md, "Sampling"):
+
+- start with every token masked; at step i (of N) the model gets timestep N-1-i;
+- with guidance (scale > 1) the model batch is [unconditional; conditional] and
+  logits = uncond + scale * (cond - uncond);
+- every masked position draws a token from softmax(logits); known tokens are kept;
+- except at the last step, the mask_len least confident drawn tokens are masked again, where
+  mask_len = floor(seq_len * cos(pi/2 * (i+1)/N)) clamped to [1, masked - 1], and
+  confidence = log p(drawn token) + temperature_i * Gumbel noise, temperatures linspace(2, 0, N).
+
+Randomness: one `numpy.random.Generator` (PCG64) seeded with the user's seed. Each step draws, in this
+order, `rng.random((B, h*w))` for the token draws (inverse CDF: the first token whose cumulative
+probability exceeds u) and, except at the last step, `rng.random((B, h*w))` for the Gumbel noise
+(-log(-log(u))). A seed therefore means the same draws on every machine and in every backend; it
+cannot reproduce upstream's torch-RNG images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.errors import OptionsError
+
+UPSTREAM_NEGATIVE_PROMPT = (
+    "worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, "
+    "jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark"
+)
+ROW_CHUNK = 1024  # positions per softmax chunk: bounds the temporaries to ROW_CHUNK x codebook floats
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a user chooses for one generation (upstream's defaults)."""
+
+    steps: int = 64
+    guidance_scale: float = 9.0  # classifier-free guidance; <= 1 runs the conditional model alone
+    negative_prompt: str = ""  # the "unconditional" prompt of guidance; "" as upstream's pipeline
+    seed: int = 0
+    height: int = 1024
+    width: int = 1024
+    temperature: tuple[float, float] = (2.0, 0.0)  # Gumbel temperature, first step -> last step
+    aesthetic_score: float = 6.0  # micro-condition (the LAION aesthetic score asked for)
+    crop: tuple[int, int] = field(default=(0, 0))  # micro-condition: crop coordinates (x, y)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def validate(self, token_stride: int = VQ_STRIDE) -> None:
+        """Raise OptionsError naming the first bad option; `token_stride` is pixels per grid cell the model needs."""
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise OptionsError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise OptionsError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < token_stride or value % token_stride:
+                raise OptionsError(f"{name} must be a positive multiple of {token_stride}, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise OptionsError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if len(self.temperature) != 2 or min(self.temperature) < 0:
+            raise OptionsError(f"temperature must be two numbers >= 0 (first, last), got {self.temperature!r}")
+
+    def micro_conds(self) -> np.ndarray:
+        """[width, height, crop_x, crop_y, aesthetic score], float32 (upstream's order)."""
+        return np.array([self.width, self.height, *self.crop, self.aesthetic_score], dtype=np.float32)
+
+    def temperatures(self) -> np.ndarray:
+        return np.linspace(self.temperature[0], self.temperature[1], self.steps)
+
+
+class Denoiser(Protocol):
+    """One transformer step, whatever runs it. It holds the text conditioning for the model batch."""
+
+    def logits(self, tokens: np.ndarray, timestep: int) -> np.ndarray:
+        """tokens (B, h, w) int64 -> logits (B, h*w, codebook_size) float32."""
+        ...
+
+
+def mask_ratio(step: int, steps: int, schedule: str = "cosine") -> float:
+    """Share of the sequence still masked after step `step` (0-based) of `steps`."""
+    ratio = (step + 1) / steps
+    if schedule == "cosine":
+        return math.cos(ratio * math.pi / 2)
+    if schedule == "linear":
+        return 1.0 - ratio
+    raise OptionsError(f"unknown masking schedule {schedule!r}: use 'cosine' or 'linear'")
+
+
+def apply_guidance(logits: np.ndarray, scale: float) -> np.ndarray:
+    """[uncond; cond] (2B, L, K) -> uncond + scale * (cond - uncond), (B, L, K), computed in place."""
+    batch = logits.shape[0] // 2
+    uncond, cond = logits[:batch], logits[batch:]
+    cond -= uncond
+    cond *= np.float32(scale)
+    cond += uncond
+    return cond
+
+
+def draw_tokens(logits: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one token per position from softmax(logits) by inverse CDF; also return log p of it.
+
+    logits (L, K), u (L,) uniform in [0, 1). Works on ROW_CHUNK positions at a time.
+    """
+    positions, vocab = logits.shape
+    tokens = np.empty(positions, dtype=np.int64)
+    log_probs = np.empty(positions, dtype=np.float32)
+    for start in range(0, positions, ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        z = logits[rows].astype(np.float32, copy=False)
+        top = z.max(axis=-1, keepdims=True)  # (n, 1)
+        cdf = np.exp(z - top)  # (n, K) unnormalised probabilities
+        np.cumsum(cdf, axis=-1, out=cdf)
+        total = cdf[:, -1]
+        picked = np.minimum((cdf < (u[rows] * total)[:, None]).sum(axis=-1), vocab - 1)  # (n,)
+        tokens[rows] = picked
+        log_probs[rows] = z[np.arange(len(picked)), picked] - top[:, 0] - np.log(total)
+    return tokens, log_probs
+
+
+def masked_step(
+    logits: np.ndarray,  # (B, L, K) guided logits
+    tokens: np.ndarray,  # (B, L) current tokens, mask_token_id where unknown
+    step: int,
+    steps: int,
+    temperature: float,
+    mask_token_id: int,
+    rng: np.random.Generator,
+    schedule: str = "cosine",
+) -> np.ndarray:
+    """One step of the scheduler: draw the unknown tokens, then re-mask the least confident ones."""
+    batch, seq_len = tokens.shape
+    unknown = tokens == mask_token_id
+    u = rng.random((batch, seq_len))
+    drawn = np.empty_like(tokens)
+    log_probs = np.empty((batch, seq_len), dtype=np.float32)
+    for b in range(batch):
+        drawn[b], log_probs[b] = draw_tokens(logits[b], u[b])
+    result = np.where(unknown, drawn, tokens)
+    if step == steps - 1:
+        return result
+
+    mask_len = math.floor(seq_len * mask_ratio(step, steps, schedule))
+    gumbel = -np.log(np.maximum(-np.log(np.maximum(rng.random((batch, seq_len)), 1e-20)), 1e-20))
+    confidence = np.maximum(log_probs, np.log(1e-20)) + temperature * gumbel
+    confidence[~unknown] = np.inf  # decided tokens are never masked again
+    for b in range(batch):
+        count = max(1, min(mask_len, int(unknown[b].sum()) - 1))
+        least_confident = np.argsort(confidence[b], kind="stable")[:count]
+        result[b, least_confident] = mask_token_id
+    return result
+
+
+def sample(
+    denoiser: Denoiser,
+    batch: int,
+    grid: tuple[int, int],
+    mask_token_id: int,
+    options: GenerationOptions,
+    schedule: str = "cosine",
+    progress: bool = False,
+    callback: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Run all steps; return the final tokens (B, h, w). `callback(step, tokens)` sees every step."""
+    height, width = grid
+    rng = np.random.default_rng(options.seed)
+    tokens = np.full((batch, height * width), mask_token_id, dtype=np.int64)
+    temperatures = options.temperatures()
+    for step in tqdm(range(options.steps), desc="sampling", disable=not progress, leave=False):
+        model_tokens = np.concatenate([tokens, tokens]) if options.guided else tokens
+        logits = denoiser.logits(model_tokens.reshape(-1, height, width), options.steps - 1 - step)
+        if options.guided:
+            logits = apply_guidance(logits, options.guidance_scale)
+        tokens = masked_step(
+            logits, tokens, step, options.steps, float(temperatures[step]), mask_token_id, rng, schedule
+        )
+        if callback is not None:
+            callback(step, tokens.reshape(batch, height, width))
+    return tokens.reshape(batch, height, width)
