@@ -16,15 +16,15 @@ from meissonic_edge.errors import OptionsError
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
 
+    Missing parent folders are created, as `mkdir -p` would.
     On any error the temporary folder is deleted and `path` is left as it was.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OptionsError(f"{path} already exists (choose another path, or pass --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionsError(f"cannot write {path}: folder {parent} does not exist")
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
     except OSError as e:
         raise OptionsError(f"cannot write {path}: {e.strerror}") from None

@@ -114,3 +114,11 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: model directory not found")
     assert "Traceback" not in result.stderr
+
+
+def test_make_random_creates_parents_but_not_over_files(tmp_path, capsys):
+    assert run(capsys, "make-random", tmp_path / "models" / "tiny")[0] == 0
+    assert (tmp_path / "models" / "tiny" / "transformer" / "config.json").is_file()
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "make-random", tmp_path / "file" / "tiny")
+    one_line_error(code, err, "cannot write .*file/tiny")
