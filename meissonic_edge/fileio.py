@@ -26,6 +26,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     except OSError as e:
         raise OptionsError(f"cannot write {path}: {e.strerror}") from None
     try:

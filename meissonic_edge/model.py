@@ -87,15 +87,16 @@ def rotary_table(
     Position ids are (0, 0, 0) for every text row and (0, row, col) for the image tokens, row-major.
     Angles are computed in float64 as upstream does, then cast to float32.
     """
-    rows = torch.arange(height, dtype=dtype, device=device).repeat_interleave(width)  # (h*w,)
-    cols = torch.arange(width, dtype=dtype, device=device).repeat(height)  # (h*w,)
-    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)  # (h*w, 3)
+    rows = torch.arange(height, dtype=dtype, device=device)[:, None].expand(height, width)  # (h, w)
+    cols = torch.arange(width, dtype=dtype, device=device)[None, :].expand(height, width)  # (h, w)
+    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)  # (h*w, 3)
     ids = torch.cat([torch.zeros(text_len, 3, dtype=dtype, device=device), image_ids])  # (S, 3)
     angles = []
     for axis, dim in enumerate(axes_dims):
         frequencies = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim)
         angles.append(ids[:, axis : axis + 1] * frequencies[None, :])  # (S, dim/2)
-    angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # (S, head_dim), pairs interleaved
+    angles = torch.cat(angles, dim=-1)  # (S, head_dim/2)
+    angles = torch.stack([angles, angles], dim=-1).flatten(-2)  # (S, head_dim): each angle twice, interleaved
     return angles.cos().float(), angles.sin().float()
 
 

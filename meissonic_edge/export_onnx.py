@@ -1,0 +1,512 @@
+"""ONNX export of a model directory into a bundle: one graph per component, each checked against PyTorch.
+
+Every `export_<component>()` follows the same recipe:
+  1. wrap the component in a tiny `nn.Module` whose forward is exactly the graph contract (MEISSONIC.md);
+  2. export it with `torch.onnx.export(dynamo=True)` and dynamic batch (and grid) dimensions;
+  3. name every node after the module it came from (`/transformer_blocks.3.attn.to_q/MatMul`), attach metadata;
+  4. convert to fp16 if asked (inputs and outputs stay float32: the contract does not change);
+  5. run the graph in onnxruntime on real inputs, at a shape other than the one exported, and compare with
+     PyTorch against a named threshold; a failed check raises `ParityError` and the bundle is not written.
+
+The CLIP text encoder is exported with torch.onnx too, not optimum: see the README ("Why not optimum").
+"""
+
+from __future__ import annotations
+
+import ast
+import gc
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from meissonic_edge import __version__
+from meissonic_edge.bundle import write_manifest
+from meissonic_edge.checkpoint import (
+    load_clip_tokenizer,
+    load_scheduler_config,
+    load_text_encoder,
+    load_transformer,
+    load_vqvae,
+    text_encoder_folders,
+    transformer_folder,
+)
+from meissonic_edge.config import VQ_STRIDE, TransformerConfig
+from meissonic_edge.errors import MeissonicError, OptionsError
+from meissonic_edge.fileio import atomic_directory
+from meissonic_edge.sampler import GenerationOptions
+from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside them
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHECK_PROMPTS = ["a red circle at the top left on a white background", "A Photo of a Cat, café-style!", ""]
+
+# Parity thresholds: the graph in onnxruntime against the PyTorch reference, same inputs.
+# Max-abs thresholds are relative to the reference's largest magnitude (at least 1).
+MAX_ABS_REL = {"fp32": 1e-3, "fp16": 3e-2}  # text hidden states, text embeddings, logits
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.9995}  # logits and text features, flattened
+MIN_PSNR_DB = {"fp32": 40.0, "fp16": 35.0}  # decoded images
+MIN_TOKEN_AGREEMENT = {"fp32": 0.995, "fp16": 0.97}  # VQ encoder: share of tokens equal to PyTorch's
+
+
+class ParityError(MeissonicError):
+    """An exported graph does not compute what the PyTorch reference computes."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One parity measurement against its threshold."""
+
+    metric: str
+    value: float
+    threshold: float
+    higher_is_better: bool
+
+    @property
+    def passed(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+    def as_dict(self) -> dict:
+        return {"value": float(self.value), "threshold": self.threshold, "passed": bool(self.passed)}
+
+
+def max_abs_check(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Check:
+    scale = max(1.0, float(np.abs(ref).max()))
+    return Check(f"{name}_max_abs_rel", float(np.abs(got - ref).max()) / scale, MAX_ABS_REL[precision], False)
+
+
+def cosine_check(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Check:
+    a, b = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    return Check(f"{name}_cosine", cosine, MIN_COSINE[precision], True)
+
+
+def psnr(got: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((got.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def require(component: str, checks: list[Check]) -> dict:
+    """Raise ParityError naming every failed check; return the checks for the manifest."""
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        detail = ", ".join(f"{c.metric}={c.value:.6g} (threshold {c.threshold})" for c in failed)
+        raise ParityError(f"{component} does not match the PyTorch reference: {detail}")
+    return {c.metric: c.as_dict() for c in checks}
+
+
+# ----------------------------------------------------------------------------------------------- graph contracts
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids (B, 77) -> text_embeds (B, Dp), hidden_states (B, 77, Dt) of the penultimate layer."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        return out.text_embeds, out.hidden_states[-2]
+
+
+class VQDecoderGraph(nn.Module):
+    """tokens (B, h, w) -> image (B, 3, 16h, 16w) in [0, 1]: codebook lookup, decoder, clip."""
+
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, tokens):
+        batch, height, width = tokens.shape
+        shape = (batch, height, width, self.vqvae.config.latent_channels)
+        return self.vqvae.decode(tokens, force_not_quantize=True, shape=shape).sample.clamp(0, 1)
+
+
+class VQEncoderGraph(nn.Module):
+    """image (B, 3, H, W) in [0, 1] -> tokens (B, H/16, W/16): encoder, then the nearest codebook entry."""
+
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, image):
+        latents = self.vqvae.encode(image).latents.permute(0, 2, 3, 1)  # (B, h, w, C)
+        codebook = self.vqvae.quantize.embedding.weight  # (K, C)
+        distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T  # |z|^2 is the same for every entry
+        return distances.argmin(-1)  # (B, h, w)
+
+
+class Float16Graph(nn.Module):
+    """Run `graph` in fp16 behind the float32 contract: float inputs are cast in, float outputs cast out.
+
+    The model's own float32 islands (RMSNorm statistics, the rotary table) stay float32 inside.
+    Converts `graph`'s weights in place: compute the fp32 reference outputs before wrapping.
+    """
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.inner = graph.half()
+
+    def forward(self, *args):
+        out = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
+        outputs = out if isinstance(out, tuple) else (out,)
+        outputs = tuple(o.float() if o.is_floating_point() else o for o in outputs)
+        return outputs if isinstance(out, tuple) else outputs[0]
+
+
+def reference_vq_tokens(vqvae, image: torch.Tensor) -> np.ndarray:
+    """diffusers' own quantization of `image`, the yardstick for the VQ encoder graph."""
+    latents = vqvae.encode(image).latents
+    _, _, (_, _, indices) = vqvae.quantize(latents)
+    batch, _, height, width = latents.shape
+    return indices.reshape(batch, height, width).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+
+
+def hierarchical_names(model) -> None:
+    """Name each node after the module that produced it, e.g. `/transformer_blocks.3.attn.to_q/MatMul`."""
+    used: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        module = ""
+        if scopes:
+            path = [s for s in ast.literal_eval(scopes)[:-1] if s and not s.startswith("_")]  # modules only
+            module = path[-1] if path else ""
+        base = f"/{module}/{node.op_type}" if module else f"/{node.op_type}"
+        count = used.get(base, 0)
+        used[base] = count + 1
+        node.name = base if count == 0 else f"{base}_{count}"
+
+
+def export_graph(
+    wrapper: nn.Module,
+    sample: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict,
+    component: str,
+    precision: str,
+) -> list[str]:
+    """Export `wrapper` to `path`; return the bundle-relative files written (the graph and its external data).
+
+    With precision "fp16" the wrapper's weights are converted in place.
+    """
+    import onnx
+
+    shapes = tuple(dynamic_shapes.get(name) for name in input_names)
+    if precision == "fp16":
+        wrapper = Float16Graph(wrapper)
+        shapes = (shapes,)  # Float16Graph.forward(*args): torch.export sees one tuple argument
+    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            sample,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    hierarchical_names(program.model)
+    program.model.metadata_props.update(
+        {
+            "meissonic_edge.component": component,
+            "meissonic_edge.precision": precision,
+            "meissonic_edge.version": __version__,
+        }
+    )
+    program.save(str(path), external_data=external)
+    del program
+    gc.collect()
+    onnx.checker.check_model(str(path))  # the path form also checks graphs with external data
+    files = [path.name]
+    if (path.parent / (path.name + ".data")).exists():
+        files.append(path.name + ".data")
+    return files
+
+
+def io_spec(session) -> dict:
+    def describe(args):
+        return [{"name": a.name, "dtype": a.type, "shape": list(a.shape)} for a in args]
+
+    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+
+
+def open_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------------------- parity
+
+
+def reference_outputs(component: str, graph: nn.Module, inputs: dict) -> list[np.ndarray]:
+    """What PyTorch computes for the graph contract of `component` (fp32)."""
+    with torch.no_grad():
+        if component == "vq_encoder":  # diffusers' own quantizer, not our export wrapper's arithmetic
+            return [reference_vq_tokens(graph.vqvae, inputs["image"])]
+        out = graph(**inputs)
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def compare(component: str, session, inputs: dict, refs: list[np.ndarray], precision: str) -> dict:
+    """Run the graph on `inputs` and check it against `refs`; raise ParityError on failure."""
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    if component == "text_encoder":
+        checks = []
+        for name, g, r in zip(["text_embeds", "hidden_states"], got, refs, strict=True):
+            checks += [max_abs_check(name, g, r, precision), cosine_check(name, g, r, precision)]
+    elif component == "transformer":
+        checks = [
+            max_abs_check("logits", got[0], refs[0], precision),
+            cosine_check("logits", got[0], refs[0], precision),
+        ]
+    elif component == "vq_decoder":
+        checks = [Check("image_psnr_db", psnr(got[0], refs[0]), MIN_PSNR_DB[precision], True)]
+    else:
+        agreement = float((got[0] == refs[0]).mean()) if got[0].shape == refs[0].shape else 0.0
+        checks = [Check("token_agreement", agreement, MIN_TOKEN_AGREEMENT[precision], True)]
+    return require(component, checks)
+
+
+# ----------------------------------------------------------------------------------------------- components
+
+
+def export_component(component: str, graph: nn.Module, inputs: dict, out_dir: Path, precision: str, spec) -> dict:
+    """The recipe shared by every graph: reference first (fp32), export, then check the graph against it."""
+    refs = reference_outputs(component, graph, inputs)
+    sample, dynamic, output_names = spec
+    path = out_dir / f"{component}.onnx"
+    files = export_graph(graph, sample, path, list(inputs), output_names, dynamic, component, precision)
+    session = open_session(path)
+    parity = compare(component, session, inputs, refs, precision)
+    return {"files": files, **io_spec(session), "parity": parity}
+
+
+def export_text_encoder(graph: TextEncoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    spec = ((inputs["input_ids"][:2],), {"input_ids": {0: batch}}, ["text_embeds", "hidden_states"])
+    return export_component("text_encoder", graph, inputs, out_dir, precision, spec)
+
+
+def export_transformer(transformer: nn.Module, inputs: dict, out_dir: Path, precision: str) -> dict:
+    unit = 2 if transformer.config.downsample else 1  # the grid must stay divisible by the feature compression
+    batch = torch.export.Dim("batch", min=1, max=64)
+    grid_h = torch.export.Dim("grid_h", min=1, max=512 // unit)
+    grid_w = torch.export.Dim("grid_w", min=1, max=512 // unit)
+    sample = {k: v[:2] for k, v in inputs.items()}
+    sample["tokens"] = sample["tokens"][:, : 4 * unit, : 3 * unit].contiguous()  # distinct sizes: none specialised
+    dynamic = {name: {0: batch} for name in inputs}
+    dynamic["tokens"] = {0: batch, 1: unit * grid_h, 2: unit * grid_w}
+    return export_component(
+        "transformer", transformer, inputs, out_dir, precision, (tuple(sample.values()), dynamic, ["logits"])
+    )
+
+
+def export_vq_decoder(graph: VQDecoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
+    sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
+    spec = (sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"])
+    return export_component("vq_decoder", graph, inputs, out_dir, precision, spec)
+
+
+def export_vq_encoder(graph: VQEncoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    height, width = torch.export.Dim("grid_h", min=1, max=512), torch.export.Dim("grid_w", min=1, max=512)
+    sample = (inputs["image"][:2, :, : 3 * VQ_STRIDE, : 2 * VQ_STRIDE].contiguous(),)
+    spec = (sample, {"image": {0: batch, 2: VQ_STRIDE * height, 3: VQ_STRIDE * width}}, ["tokens"])
+    return export_component("vq_encoder", graph, inputs, out_dir, precision, spec)
+
+
+EXPORTERS = {
+    "text_encoder": export_text_encoder,
+    "transformer": export_transformer,
+    "vq_decoder": export_vq_decoder,
+    "vq_encoder": export_vq_encoder,
+}
+
+
+def transformer_check_inputs(config: TransformerConfig, conditioning, grid: tuple[int, int], mask_token_id: int):
+    """Real inputs for one guided step: half the tokens decided, [negative; prompt] text conditioning."""
+    text_embeds, hidden = conditioning
+    batch = text_embeds.shape[0]
+    height, width = grid
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.codebook_size, (batch, height, width), generator=generator)
+    tokens[torch.rand(tokens.shape, generator=generator) < 0.5] = mask_token_id
+    micro = GenerationOptions(height=height * VQ_STRIDE, width=width * VQ_STRIDE).micro_conds()
+    return {
+        "tokens": tokens,
+        "encoder_hidden_states": hidden,
+        "text_embeds": text_embeds,
+        "micro_conds": torch.from_numpy(np.tile(micro, (batch, 1))),
+        "timestep": torch.full((batch,), 7.0),
+    }
+
+
+def check_cases(model_dir: Path, text_encoder_dir: Path | None, tokenizer_dir: Path, check_size: tuple[int, int]):
+    """Yield (component, fp32 graph module, real check inputs) in export order, one component in memory at a time.
+
+    The inputs are real: prompts through the bundle's tokenizer, the text encoder's output as the
+    transformer's conditioning, decoded images as the VQ encoder's input.
+    """
+    scheduler = load_scheduler_config(model_dir)
+    config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
+    grid = (check_size[0] // VQ_STRIDE, check_size[1] // VQ_STRIDE)
+    input_ids = torch.from_numpy(ClipTokenizer.from_dir(tokenizer_dir).encode(CHECK_PROMPTS))
+
+    text_encoder = TextEncoderGraph(load_text_encoder(model_dir, text_encoder_dir))
+    with torch.no_grad():  # [negative ""; prompt] conditioning for the transformer's check
+        conditioning = text_encoder(input_ids[[2, 0]])
+    yield "text_encoder", text_encoder, {"input_ids": input_ids}
+    del text_encoder
+    gc.collect()
+
+    inputs = transformer_check_inputs(config, conditioning, grid, scheduler.mask_token_id)
+    yield "transformer", load_transformer(model_dir), inputs
+    gc.collect()
+
+    vq_decoder = VQDecoderGraph(load_vqvae(model_dir))
+    tokens = torch.randint(0, config.codebook_size, (2, *grid), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # decoded images are realistic inputs for the encoder's check
+        images = vq_decoder(tokens)
+    yield "vq_decoder", vq_decoder, {"tokens": tokens}
+    del vq_decoder
+    gc.collect()
+    yield "vq_encoder", VQEncoderGraph(load_vqvae(model_dir)), {"image": images}  # fresh fp32 weights
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------- the bundle
+
+
+def copy_tokenizer(model_dir: Path, text_encoder_dir: Path | None, out_dir: Path) -> None:
+    _, source = text_encoder_folders(model_dir, text_encoder_dir)
+    target = out_dir / "tokenizer"
+    target.mkdir()
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def check_tokenizer(reference_tokenizer, bundle_tokenizer_dir: Path) -> dict:
+    """The runtime tokenizer must give exactly CLIPTokenizer's ids."""
+    ours = ClipTokenizer.from_dir(bundle_tokenizer_dir).encode(CHECK_PROMPTS)
+    theirs = reference_tokenizer(
+        CHECK_PROMPTS, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="np"
+    ).input_ids
+    agreement = float((ours == theirs).mean())
+    return require("tokenizer", [Check("id_agreement", agreement, 1.0, True)])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "256" or "256x384" (height x width) -> (256, 384)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise OptionsError(f"size must be N or HxW in pixels, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise OptionsError(f"size must be N or HxW in pixels, got {text!r}")
+    return parts[0], parts[1]
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    text_encoder_dir: str | Path | None = None,
+    check_size: tuple[int, int] = (256, 256),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Export every component of `model_dir` into the bundle `out_dir`; return its path.
+
+    Each graph is checked against PyTorch at `check_size` (pixels) before the manifest is written; on any
+    failure nothing is left at `out_dir`.
+    """
+    if precision not in PRECISIONS:
+        raise OptionsError(f"unknown precision {precision!r} for ONNX export: choose one of {', '.join(PRECISIONS)}")
+    model_dir = Path(model_dir)
+    text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
+    scheduler = load_scheduler_config(model_dir)
+    config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
+    GenerationOptions(height=check_size[0], width=check_size[1]).validate(config.token_stride)
+    reference_tokenizer = load_clip_tokenizer(model_dir, text_encoder_dir)
+    graphs: dict[str, dict] = {}
+
+    with atomic_directory(out_dir, overwrite) as tmp:
+        copy_tokenizer(model_dir, text_encoder_dir, tmp)
+        tokenizer_parity = check_tokenizer(reference_tokenizer, tmp / "tokenizer")
+        cases = check_cases(model_dir, text_encoder_dir, tmp / "tokenizer", check_size)
+        for component, graph, inputs in tqdm(cases, total=len(EXPORTERS), disable=not progress, desc="exporting"):
+            logger.info("exporting %s (%s)", component, precision)
+            graphs[component] = EXPORTERS[component](graph, inputs, tmp, precision)
+            del graph, inputs
+
+        for graph in graphs.values():
+            graph["precision"] = precision
+            graph["file"], *external = graph.pop("files")
+            graph["external_data"] = external
+        manifest = {
+            "created_by": f"meissonic-edge {__version__}",
+            "source": {
+                "model_dir": model_dir.name,
+                "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None,
+            },
+            "model": {
+                "mask_token_id": scheduler.mask_token_id,
+                "masking_schedule": scheduler.masking_schedule,
+                "codebook_size": config.codebook_size,
+                "vocab_size": config.vocab_size,
+                "vq_stride": VQ_STRIDE,
+                "token_stride": config.token_stride,
+                "feature_compression": config.downsample,
+                "text_max_length": MAX_LENGTH,
+                "text_hidden_size": config.joint_attention_dim,
+                "pooled_projection_dim": config.pooled_projection_dim,
+            },
+            "defaults": defaults_section(),
+            "tokenizer": {"dir": "tokenizer", "parity": tokenizer_parity},
+            "graphs": graphs,
+            "check_size": list(check_size),
+        }
+        write_manifest(tmp, manifest)
+    return Path(out_dir)
+
+
+def defaults_section() -> dict:
+    d = GenerationOptions()
+    return {
+        "steps": d.steps,
+        "guidance_scale": d.guidance_scale,
+        "negative_prompt": d.negative_prompt,
+        "temperature": list(d.temperature),
+        "height": d.height,
+        "width": d.width,
+        "micro_conditions": {"aesthetic_score": d.aesthetic_score, "crop": list(d.crop)},
+    }
