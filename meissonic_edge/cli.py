@@ -15,6 +15,14 @@ from meissonic_edge.errors import MeissonicError, OptionsError
 logger = logging.getLogger("meissonic_edge")
 
 EXPORT_EXTRA_HINT = "install the export extra: pip install torch==2.13.0 'meissonic-edge[export]'"
+HEAVY_MODULES = {"torch", "transformers", "diffusers", "safetensors", "onnx", "onnxscript", "coremltools"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`error: ...`) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def integer(text: str) -> int:
@@ -37,6 +45,10 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def is_bundle(path: Path) -> bool:
+    return (path / "manifest.json").exists() or any(path.glob("*.onnx"))
+
+
 # ----------------------------------------------------------------------------------------------- commands
 
 
@@ -50,55 +62,102 @@ def cmd_make_random(args) -> None:
     print(f"wrote a random {args.preset} model directory to {path}")
 
 
-def generation_options(args):
-    from meissonic_edge.sampler import GenerationOptions
+def cmd_export(args) -> None:
+    from meissonic_edge.export_onnx import export_onnx, parse_size
 
-    defaults = GenerationOptions()
-    return GenerationOptions(
-        steps=args.steps if args.steps is not None else defaults.steps,
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else defaults.negative_prompt,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
+    if args.format != "onnx":
+        raise OptionsError(f"export format {args.format!r} is not available yet: use --format onnx")
+    path = export_onnx(
+        args.model_dir,
+        args.out_dir,
+        precision=args.precision,
+        text_encoder_dir=args.text_encoder,
+        check_size=parse_size(args.check_size),
+        overwrite=args.force,
+        progress=not args.quiet,
     )
+    print(f"wrote the {args.precision} ONNX bundle {path} (every graph passed its parity check)")
+
+
+def overrides(args) -> dict:
+    """The generation options the user gave; the rest keep the bundle's or upstream's defaults."""
+    given = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+    }
+    return {"seed": args.seed, **{k: v for k, v in given.items() if v is not None}}
+
+
+def check_output_path(output: Path) -> None:
+    if output.is_dir():
+        raise OptionsError(f"cannot write {output}: it is a directory")
+    if str(output.parent) and not output.parent.is_dir():
+        raise OptionsError(f"cannot write {output}: folder {output.parent} does not exist")
 
 
 def cmd_generate(args) -> None:
+    from dataclasses import replace
+
     from meissonic_edge.imaging import save_image
+    from meissonic_edge.sampler import GenerationOptions
 
-    options = generation_options(args)
-    path = Path(args.path)
-    output = Path(args.output)
-    if output.exists() and output.is_dir():
-        raise OptionsError(f"cannot write {output}: it is a directory")
-    if not output.parent.is_dir() and str(output.parent):
-        raise OptionsError(f"cannot write {output}: folder {output.parent} does not exist")
+    path, output = Path(args.path), Path(args.output)
+    check_output_path(output)
+    if path.is_dir() and is_bundle(path):  # onnxruntime, no torch
+        from meissonic_edge.bundle import read_manifest
+        from meissonic_edge.runtime import OnnxPipeline, options_from_manifest
 
-    from meissonic_edge.checkpoint import transformer_folder
-    from meissonic_edge.config import TransformerConfig
+        if args.text_encoder:
+            raise OptionsError("--text-encoder applies to model directories; a bundle carries its own text encoder")
+        manifest = read_manifest(path)
+        options = replace(options_from_manifest(manifest), **overrides(args))
+        options.validate(manifest["model"]["token_stride"])  # before any graph is loaded
+        providers = args.provider.split(",") if args.provider else None
+        pipeline = OnnxPipeline(path, providers=providers, threads=args.threads, low_memory=args.low_memory)
+    else:  # the PyTorch reference
+        from meissonic_edge.checkpoint import transformer_folder
+        from meissonic_edge.config import TransformerConfig
 
-    config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
-    options.validate(config.token_stride)  # before any weights are loaded
+        config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
+        options = replace(GenerationOptions(), **overrides(args))
+        options.validate(config.token_stride)  # before any weights are loaded
+        from meissonic_edge.pipeline import ReferencePipeline
 
-    from meissonic_edge.pipeline import ReferencePipeline
-
-    pipeline = ReferencePipeline.from_model_dir(path, args.text_encoder)
+        pipeline = ReferencePipeline.from_model_dir(path, args.text_encoder)
     image = pipeline.generate(args.prompt, options, progress=not args.quiet).images[0]
     save_image(image, output)
     print(f"wrote {output}")
+
+
+def cmd_verify(args) -> None:
+    from meissonic_edge.bundle import read_manifest, verify_files
+
+    manifest = read_manifest(args.bundle)
+    verify_files(args.bundle, manifest, checksums=True)
+    print(f"{args.bundle}: manifest version {manifest['format_version']}, {len(manifest['files'])} files, checksums OK")
+    if args.model is None:
+        return
+    from meissonic_edge.export_onnx import verify_parity
+
+    results = verify_parity(args.bundle, args.model, args.text_encoder, progress=not args.quiet)
+    for component, checks in results.items():
+        line = ", ".join(f"{metric}={c['value']:.6g} (>= {c['threshold']})" for metric, c in checks.items())
+        print(f"{component}: {line}".replace(">= ", "threshold "))
+    print("parity OK: every graph matches the PyTorch reference")
 
 
 # ----------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="meissonic-edge",
-        description="Export, quantize and run Meissonic text-to-image on small devices.",
+    parser = Parser(
+        prog="meissonic-edge", description="Export, quantize and run Meissonic text-to-image on small devices."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = commands.add_parser("make-random", help="write a model directory with random weights (upstream layout)")
     p.add_argument("out", help="the model directory to create")
@@ -114,19 +173,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_make_random)
 
+    p = commands.add_parser("export", help="export a model directory to a bundle of graphs")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--format", default="onnx", help="onnx (default)")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
+    p.add_argument("--text-encoder", help="take the text encoder and tokenizer from this directory")
+    p.add_argument("--check-size", default="256", help="image size of the parity checks, N or HxW (default: 256)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
     p = commands.add_parser("generate", help="generate an image from a prompt")
-    p.add_argument("path", help="a model directory (PyTorch reference)")
+    p.add_argument("path", help="a bundle (onnxruntime) or a model directory (PyTorch reference)")
     p.add_argument("prompt")
     p.add_argument("--output", "-o", default="out.png", help="image file to write (default: out.png)")
-    p.add_argument("--steps", type=integer, help="sampling steps (default: 64)")
+    p.add_argument("--steps", type=integer, help="sampling steps (default: the bundle's, or 64)")
     p.add_argument("--guidance-scale", type=number, help="classifier-free guidance (default: 9)")
     p.add_argument("--negative-prompt", help='the unconditional prompt (default: "")')
     p.add_argument("--seed", type=integer, default=0)
-    p.add_argument("--height", type=integer, default=1024)
-    p.add_argument("--width", type=integer, default=1024)
-    p.add_argument("--text-encoder", help="take the text encoder and tokenizer from this directory")
+    p.add_argument("--height", type=integer, help="pixels (default: 1024)")
+    p.add_argument("--width", type=integer, help="pixels (default: 1024)")
+    p.add_argument("--low-memory", action="store_true", help="bundle: load one graph at a time")
+    p.add_argument("--threads", type=integer, help="bundle: onnxruntime intra-op threads")
+    p.add_argument("--provider", help="bundle: onnxruntime providers, comma-separated (default: CPU)")
+    p.add_argument("--text-encoder", help="model directory: take the text encoder and tokenizer from here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("verify", help="check a bundle's checksums, and its parity given the source model")
+    p.add_argument("bundle")
+    p.add_argument("--model", help="the model directory it was exported from: re-run the parity checks")
+    p.add_argument("--text-encoder", help="the text encoder directory used at export, if any")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -139,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in {"torch", "transformers", "diffusers", "safetensors", "onnx"}:
+        if e.name and e.name.split(".")[0] in HEAVY_MODULES:
             print(f"error: this command needs {e.name}: {EXPORT_EXTRA_HINT}", file=sys.stderr)
             return 1
         raise

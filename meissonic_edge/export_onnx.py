@@ -208,9 +208,10 @@ def export_graph(
     """
     import onnx
 
+    wrapper.eval()
     shapes = tuple(dynamic_shapes.get(name) for name in input_names)
     if precision == "fp16":
-        wrapper = Float16Graph(wrapper)
+        wrapper = Float16Graph(wrapper).eval()
         shapes = (shapes,)  # Float16Graph.forward(*args): torch.export sees one tuple argument
     weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
@@ -510,3 +511,30 @@ def defaults_section() -> dict:
         "width": d.width,
         "micro_conditions": {"aesthetic_score": d.aesthetic_score, "crop": list(d.crop)},
     }
+
+
+def verify_parity(
+    bundle_dir: str | Path, model_dir: str | Path, text_encoder_dir: str | Path | None = None, progress: bool = True
+) -> dict:
+    """Re-run every graph of a bundle against the PyTorch reference of `model_dir`; raise ParityError on failure.
+
+    Uses the same inputs and thresholds as the export did (at the manifest's check size and precisions).
+    """
+    from meissonic_edge.bundle import read_manifest, verify_files
+
+    bundle_dir, model_dir = Path(bundle_dir), Path(model_dir)
+    text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)
+    tokenizer_dir = bundle_dir / manifest["tokenizer"]["dir"]
+    results = {"tokenizer": check_tokenizer(load_clip_tokenizer(model_dir, text_encoder_dir), tokenizer_dir)}
+    check_size = tuple(manifest.get("check_size", (256, 256)))
+    cases = check_cases(model_dir, text_encoder_dir, tokenizer_dir, check_size)
+    for component, graph, inputs in tqdm(cases, total=len(EXPORTERS), disable=not progress, desc="verifying"):
+        entry = manifest["graphs"].get(component)
+        if entry is not None:
+            refs = reference_outputs(component, graph, inputs)
+            session = open_session(bundle_dir / entry["file"])
+            results[component] = compare(component, session, inputs, refs, entry["precision"])
+        del graph, inputs
+    return results

@@ -6,7 +6,7 @@ loop is the shared numpy one in `sampler.py`, so the onnxruntime runtime makes t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +16,9 @@ from PIL import Image
 from meissonic_edge.checkpoint import ModelComponents, load_model_dir
 from meissonic_edge.config import VQ_STRIDE
 from meissonic_edge.imaging import to_pil
-from meissonic_edge.sampler import GenerationOptions, sample
+from meissonic_edge.sampler import Generation, GenerationOptions, sample
 
 MAX_TEXT_TOKENS = 77
-
-
-@dataclass
-class Generation:
-    images: list[Image.Image]
-    tokens: np.ndarray  # (B, h, w) final VQ tokens
 
 
 class TorchDenoiser:

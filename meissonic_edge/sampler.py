@@ -80,6 +80,14 @@ class GenerationOptions:
         return np.linspace(self.temperature[0], self.temperature[1], self.steps)
 
 
+@dataclass
+class Generation:
+    """What a pipeline returns: one PIL image per prompt, and the final VQ tokens (B, h, w)."""
+
+    images: list
+    tokens: np.ndarray
+
+
 class Denoiser(Protocol):
     """One transformer step, whatever runs it. It holds the text conditioning for the model batch."""
 

@@ -1,0 +1,201 @@
+"""The runtime: generate images from a bundle with numpy and onnxruntime only (no torch).
+
+    from meissonic_edge.runtime import OnnxPipeline
+    pipe = OnnxPipeline("bundle/")                      # checks the manifest and every checksum
+    image = pipe("a red circle", steps=16, seed=0, height=512, width=512)
+
+The sampling loop is the shared one in `sampler.py`, so a seed gives the same tokens as the PyTorch
+reference. With `low_memory=True` only one graph is loaded at a time: the text encoder, then the
+transformer, then the VQ decoder, each released after use.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from meissonic_edge.bundle import BundleError, read_manifest, verify_files
+from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.imaging import to_pil
+from meissonic_edge.sampler import Generation, GenerationOptions, sample
+from meissonic_edge.tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_GRAPHS = ("text_encoder", "transformer", "vq_decoder")
+
+
+class OnnxDenoiser:
+    """The transformer graph with the text conditioning of one generation bound to it."""
+
+    def __init__(self, session: ort.InferenceSession, encoder_hidden_states, text_embeds, micro_conds):
+        self.session = session
+        self.feed = {
+            "encoder_hidden_states": encoder_hidden_states,
+            "text_embeds": text_embeds,
+            "micro_conds": micro_conds,
+        }
+
+    def logits(self, tokens: np.ndarray, timestep: int) -> np.ndarray:
+        timesteps = np.full((tokens.shape[0],), timestep, dtype=np.float32)
+        return self.session.run(["logits"], {**self.feed, "tokens": tokens, "timestep": timesteps})[0]
+
+
+def check_session_io(session: ort.InferenceSession, graph: dict, name: str) -> None:
+    """The graph's inputs and outputs must be the ones the manifest promises (names, types, ranks)."""
+    for kind, actual in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        expected = {spec["name"]: spec for spec in graph.get(f"{kind}s", [])}
+        found = {arg.name: arg for arg in actual}
+        for missing in sorted(set(expected) - set(found)):
+            raise BundleError(f"{name} graph has no {kind} {missing!r} that the manifest names")
+        for extra in sorted(set(found) - set(expected)):
+            raise BundleError(f"{name} graph has an {kind} {extra!r} that the manifest does not name")
+        for arg_name, arg in found.items():
+            spec = expected[arg_name]
+            if arg.type != spec["dtype"] or len(arg.shape) != len(spec["shape"]):
+                raise BundleError(
+                    f"{name} graph {kind} {arg_name!r} is {arg.type} of rank {len(arg.shape)}, "
+                    f"the manifest says {spec['dtype']} of rank {len(spec['shape'])}"
+                )
+
+
+def options_from_manifest(manifest: dict) -> GenerationOptions:
+    """The generation defaults recorded in a bundle's manifest."""
+    d = manifest["defaults"]
+    micro = d.get("micro_conditions", {})
+    try:
+        return GenerationOptions(
+            steps=d["steps"],
+            guidance_scale=d["guidance_scale"],
+            negative_prompt=d["negative_prompt"],
+            height=d["height"],
+            width=d["width"],
+            temperature=tuple(d["temperature"]),
+            aesthetic_score=micro.get("aesthetic_score", 6.0),
+            crop=tuple(micro.get("crop", (0, 0))),
+        )
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"manifest defaults are incomplete: {e}") from None
+
+
+class OnnxPipeline:
+    """Prompt -> image from an exported bundle."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        low_memory: bool = False,
+        verify_checksums: bool = True,
+    ):
+        self.root = Path(bundle_dir)
+        self.manifest = read_manifest(self.root)
+        verify_files(self.root, self.manifest, checksums=verify_checksums)
+        self.model = self.manifest["model"]
+        self.tokenizer = ClipTokenizer.from_dir(self.root / self.manifest["tokenizer"]["dir"])
+        self.providers = providers or ["CPUExecutionProvider"]
+        unknown = sorted(set(self.providers) - set(ort.get_available_providers()))
+        if unknown:
+            raise BundleError(
+                f"onnxruntime provider(s) {', '.join(unknown)} not available here "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        self.threads = threads
+        self.low_memory = low_memory
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        if not low_memory:
+            for name in PIPELINE_GRAPHS:
+                self.session(name)
+
+    # ---- sessions
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.low_memory:  # no arena kept between runs: memory goes back when a run ends
+            options.enable_cpu_mem_arena = False
+        return options
+
+    def session(self, name: str) -> ort.InferenceSession:
+        if name not in self.sessions:
+            graph = self.manifest["graphs"].get(name)
+            if graph is None:
+                raise BundleError(f"this bundle has no {name} graph")
+            path = self.root / graph["file"]
+            try:
+                session = ort.InferenceSession(str(path), self.session_options(), providers=self.providers)
+            except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+                raise BundleError(f"cannot load {graph['file']}: {str(e).splitlines()[0]}") from None
+            check_session_io(session, graph, name)
+            self.sessions[name] = session
+        return self.sessions[name]
+
+    def release(self, name: str) -> None:
+        if self.low_memory and self.sessions.pop(name, None) is not None:
+            gc.collect()
+
+    # ---- stages
+
+    def default_options(self) -> GenerationOptions:
+        return options_from_manifest(self.manifest)
+
+    def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> (text_embeds (B, Dp), hidden_states (B, 77, Dt))."""
+        input_ids = self.tokenizer.encode(texts)
+        text_embeds, hidden = self.session("text_encoder").run(
+            ["text_embeds", "hidden_states"], {"input_ids": input_ids}
+        )
+        self.release("text_encoder")
+        return text_embeds, hidden
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """VQ tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1]."""
+        image = self.session("vq_decoder").run(["image"], {"tokens": tokens.astype(np.int64)})[0]
+        self.release("vq_decoder")
+        return image
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        options: GenerationOptions | None = None,
+        progress: bool = False,
+        callback: Callable[[int, np.ndarray], None] | None = None,
+        **overrides,
+    ) -> Generation:
+        """Generate one image per prompt; `overrides` replace fields of `options` (default: the bundle's)."""
+        options = replace(options or self.default_options(), **overrides)
+        options.validate(self.model["token_stride"])
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+
+        texts = [options.negative_prompt] * batch + prompts if options.guided else prompts
+        text_embeds, hidden = self.encode_text(texts)
+        micro = np.tile(options.micro_conds(), (len(texts), 1))
+        denoiser = OnnxDenoiser(self.session("transformer"), hidden, text_embeds, micro)
+        grid = (options.height // VQ_STRIDE, options.width // VQ_STRIDE)
+        tokens = sample(
+            denoiser,
+            batch,
+            grid,
+            self.model["mask_token_id"],
+            options,
+            schedule=self.model["masking_schedule"],
+            progress=progress,
+            callback=callback,
+        )
+        del denoiser
+        self.release("transformer")
+        return Generation(images=to_pil(self.decode(tokens)), tokens=tokens)
+
+    def __call__(self, prompt: str, **options) -> Image.Image:
+        return self.generate(prompt, **options).images[0]
