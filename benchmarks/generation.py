@@ -55,12 +55,17 @@ def measure(backend: str, path: str, size: int, steps: int, threads: int | None)
     marks = []
     t0 = time.perf_counter()
     pipe.generate(
-        "a photo of a red fox in the snow", steps=steps, seed=0, height=size, width=size, guidance_scale=9.0,
+        "a photo of a red fox in the snow",
+        steps=steps,
+        seed=0,
+        height=size,
+        width=size,
+        guidance_scale=9.0,
         callback=lambda i, tokens: marks.append(time.perf_counter()),
     )
     total = time.perf_counter() - t0
     step_start = t0 + phases["text_encoder_s"]
-    step_times = [b - a for a, b in zip([step_start, *marks[:-1]], marks)]
+    step_times = [b - a for a, b in zip([step_start, *marks[:-1]], marks, strict=True)]
     return {
         "backend": backend,
         "size": size,
@@ -91,17 +96,19 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}",
         "",
-        "| backend | size | load s | text s | step s median (min-max) | VQ decode s | peak RSS MB | step ratio vs torch | RSS ratio vs torch |",
+        "| backend | size | load s | text s | step s median (min-max) | VQ decode s | peak RSS MB "
+        "| step ratio vs torch | RSS ratio vs torch |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     torch_rows = {r["size"]: r for r in rows if r["backend"] == "torch"}
     for r in rows:
         ref = torch_rows.get(r["size"])
-        step_ratio = f"{r['step_s_median'] / ref['step_s_median']:.2f}" if ref and ref['step_s_median'] else "-"
+        step_ratio = f"{r['step_s_median'] / ref['step_s_median']:.2f}" if ref and ref["step_s_median"] else "-"
         rss_ratio = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
         lines.append(
             f"| {r['backend']} | {r['size']} | {r['load_s']} | {r['text_encoder_s']} | {r['step_s_median']} "
-            f"({r['step_s_min']}-{r['step_s_max']}) | {r['vq_decode_s']} | {r['peak_rss_mb']} | {step_ratio} | {rss_ratio} |"
+            f"({r['step_s_min']}-{r['step_s_max']}) | {r['vq_decode_s']} | {r['peak_rss_mb']} "
+            f"| {step_ratio} | {rss_ratio} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -101,6 +101,9 @@ def verify_files(bundle_dir: str | Path, manifest: dict, checksums: bool = True)
             raise BundleError(f"bundle file {relative} has {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         if checksums and sha256_file(path) != entry["sha256"]:
             raise BundleError(f"checksum mismatch for {relative}: the file changed after export")
+    tokenizer_dir = manifest.get("tokenizer", {}).get("dir")
+    if not isinstance(tokenizer_dir, str) or not inside(root, tokenizer_dir).is_dir():
+        raise BundleError(f"manifest names no tokenizer folder inside the bundle (got {tokenizer_dir!r})")
     for name, graph in manifest["graphs"].items():
         for relative in [graph.get("file"), *graph.get("external_data", [])]:
             inside(root, relative)
