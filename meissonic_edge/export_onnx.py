@@ -14,9 +14,11 @@ The CLIP text encoder is exported with torch.onnx too, not optimum: see the READ
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +194,24 @@ def hierarchical_names(model) -> None:
         node.name = base if count == 0 else f"{base}_{count}"
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch.onnx reports on its own internals (missing torchvision ops, deprecations); none of it is ours."""
+    names = ["torch.onnx", "torch.export", "onnxscript", "onnx_ir"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def export_graph(
     wrapper: nn.Module,
     sample: tuple,
@@ -215,7 +235,7 @@ def export_graph(
         shapes = (shapes,)  # Float16Graph.forward(*args): torch.export sees one tuple argument
     weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             wrapper,
             sample,
@@ -464,10 +484,14 @@ def export_onnx(
         copy_tokenizer(model_dir, text_encoder_dir, tmp)
         tokenizer_parity = check_tokenizer(reference_tokenizer, tmp / "tokenizer")
         cases = check_cases(model_dir, text_encoder_dir, tmp / "tokenizer", check_size)
-        for component, graph, inputs in tqdm(cases, total=len(EXPORTERS), disable=not progress, desc="exporting"):
+        bar = tqdm(total=len(EXPORTERS), disable=not progress, unit="graph")
+        for component, graph, inputs in cases:
+            bar.set_description(f"exporting {component} ({precision})")
             logger.info("exporting %s (%s)", component, precision)
             graphs[component] = EXPORTERS[component](graph, inputs, tmp, precision)
             del graph, inputs
+            bar.update()
+        bar.close()
 
         for graph in graphs.values():
             graph["precision"] = precision
