@@ -41,23 +41,26 @@ from meissonic_edge.checkpoint import (
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.fileio import atomic_directory
+from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.sampler import GenerationOptions
 from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
-OPSET = 18
+OPSET = 21  # int4 weights (GatherBlockQuantized) need opset 21 types
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside them
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHECK_PROMPTS = ["a red circle at the top left on a white background", "A Photo of a Cat, café-style!", ""]
 
 # Parity thresholds: the graph in onnxruntime against the PyTorch reference, same inputs.
 # Max-abs thresholds are relative to the reference's largest magnitude (at least 1).
-MAX_ABS_REL = {"fp32": 1e-3, "fp16": 3e-2}  # text hidden states, text embeddings, logits
-MIN_COSINE = {"fp32": 0.99999, "fp16": 0.9995}  # logits and text features, flattened
-MIN_PSNR_DB = {"fp32": 40.0, "fp16": 35.0}  # decoded images
-MIN_TOKEN_AGREEMENT = {"fp32": 0.995, "fp16": 0.97}  # VQ encoder: share of tokens equal to PyTorch's
+# fp32 and fp16 graphs must compute what PyTorch computes. For int8 and int4 the gate catches a broken
+# quantization (a wrong axis or scale gives cosines near 0); what each precision costs is measured against
+# fp32 by `meissonic-edge bench` and recorded here as the measured value beside the gate.
+MAX_ABS_REL = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.25, "int4": 0.6}  # text features, logits
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.9995, "int8": 0.99, "int4": 0.9}  # logits and text features, flattened
+MIN_PSNR_DB = {"fp32": 40.0, "fp16": 35.0, "int8": 25.0}  # decoded images
+MIN_TOKEN_AGREEMENT = {"fp32": 0.995, "fp16": 0.97, "int8": 0.9}  # VQ encoder: share of tokens equal to PyTorch's
 
 
 class ParityError(MeissonicError):
@@ -315,24 +318,68 @@ def compare(component: str, session, inputs: dict, refs: list[np.ndarray], preci
 # ----------------------------------------------------------------------------------------------- components
 
 
-def export_component(component: str, graph: nn.Module, inputs: dict, out_dir: Path, precision: str, spec) -> dict:
-    """The recipe shared by every graph: reference first (fp32), export, then check the graph against it."""
+def export_component(
+    component: str, graph: nn.Module, inputs: dict, out_dir: Path, settings: ComponentPrecision, spec
+) -> dict:
+    """The recipe shared by every graph: reference first (fp32), export, quantize if asked, check against PyTorch."""
     refs = reference_outputs(component, graph, inputs)
+    calibration = None
+    if settings.precision == "int4" and settings.algorithm == "gptq":
+        calibration = calibration_feeds(component, graph, inputs, settings.calibration_steps)
     sample, dynamic, output_names = spec
     path = out_dir / f"{component}.onnx"
-    files = export_graph(graph, sample, path, list(inputs), output_names, dynamic, component, precision)
+    export_graph(graph, sample, path, list(inputs), output_names, dynamic, component, settings.torch_precision)
+    quantization = None
+    if settings.precision in ("int8", "int4"):
+        logger.info("quantizing %s to %s", component, settings.precision)
+        quantization = quantize_graph(path, settings, component, calibration)
+    files = [path.name] + ([path.name + ".data"] if (out_dir / (path.name + ".data")).exists() else [])
     session = open_session(path)
-    parity = compare(component, session, inputs, refs, precision)
-    return {"files": files, **io_spec(session), "parity": parity}
+    parity = compare(component, session, inputs, refs, settings.precision)
+    entry = {"files": files, **io_spec(session), "parity": parity, "settings": settings.settings()}
+    if quantization is not None:
+        entry["quantization"] = quantization
+    return entry
 
 
-def export_text_encoder(graph: TextEncoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+def calibration_feeds(component: str, graph: nn.Module, inputs: dict, steps: int) -> list[dict]:
+    """GPTQ calibration inputs: for the transformer, the inputs of `steps` real sampling steps."""
+    if component != "transformer":
+        return [{k: v.numpy() for k, v in inputs.items()}]
+    from meissonic_edge.pipeline import TorchDenoiser
+    from meissonic_edge.sampler import sample
+
+    feeds = []
+    batch = inputs["text_embeds"].shape[0] // 2  # the check inputs are [negative; prompt]
+    denoiser = TorchDenoiser(graph, inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["micro_conds"])
+    base = denoiser.logits
+
+    def recording(tokens, timestep):
+        feeds.append(
+            {
+                "tokens": tokens,
+                "encoder_hidden_states": inputs["encoder_hidden_states"].numpy(),
+                "text_embeds": inputs["text_embeds"].numpy(),
+                "micro_conds": inputs["micro_conds"].numpy(),
+                "timestep": np.full((tokens.shape[0],), timestep, dtype=np.float32),
+            }
+        )
+        return base(tokens, timestep)
+
+    denoiser.logits = recording
+    _, height, width = inputs["tokens"].shape
+    options = GenerationOptions(steps=steps, guidance_scale=9.0, height=height * VQ_STRIDE, width=width * VQ_STRIDE)
+    sample(denoiser, batch, (height, width), graph.mask_token_id, options)
+    return feeds
+
+
+def export_text_encoder(graph: TextEncoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     spec = ((inputs["input_ids"][:2],), {"input_ids": {0: batch}}, ["text_embeds", "hidden_states"])
-    return export_component("text_encoder", graph, inputs, out_dir, precision, spec)
+    return export_component("text_encoder", graph, inputs, out_dir, settings, spec)
 
 
-def export_transformer(transformer: nn.Module, inputs: dict, out_dir: Path, precision: str) -> dict:
+def export_transformer(transformer: nn.Module, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     unit = 2 if transformer.config.downsample else 1  # the grid must stay divisible by the feature compression
     batch = torch.export.Dim("batch", min=1, max=64)
     grid_h = torch.export.Dim("grid_h", min=1, max=512 // unit)
@@ -342,24 +389,24 @@ def export_transformer(transformer: nn.Module, inputs: dict, out_dir: Path, prec
     dynamic = {name: {0: batch} for name in inputs}
     dynamic["tokens"] = {0: batch, 1: unit * grid_h, 2: unit * grid_w}
     return export_component(
-        "transformer", transformer, inputs, out_dir, precision, (tuple(sample.values()), dynamic, ["logits"])
+        "transformer", transformer, inputs, out_dir, settings, (tuple(sample.values()), dynamic, ["logits"])
     )
 
 
-def export_vq_decoder(graph: VQDecoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+def export_vq_decoder(graph: VQDecoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
     sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
     spec = (sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"])
-    return export_component("vq_decoder", graph, inputs, out_dir, precision, spec)
+    return export_component("vq_decoder", graph, inputs, out_dir, settings, spec)
 
 
-def export_vq_encoder(graph: VQEncoderGraph, inputs: dict, out_dir: Path, precision: str) -> dict:
+def export_vq_encoder(graph: VQEncoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("grid_h", min=1, max=512), torch.export.Dim("grid_w", min=1, max=512)
     sample = (inputs["image"][:2, :, : 3 * VQ_STRIDE, : 2 * VQ_STRIDE].contiguous(),)
     spec = (sample, {"image": {0: batch, 2: VQ_STRIDE * height, 3: VQ_STRIDE * width}}, ["tokens"])
-    return export_component("vq_encoder", graph, inputs, out_dir, precision, spec)
+    return export_component("vq_encoder", graph, inputs, out_dir, settings, spec)
 
 
 EXPORTERS = {
@@ -407,7 +454,10 @@ def check_cases(model_dir: Path, text_encoder_dir: Path | None, tokenizer_dir: P
     gc.collect()
 
     inputs = transformer_check_inputs(config, conditioning, grid, scheduler.mask_token_id)
-    yield "transformer", load_transformer(model_dir), inputs
+    transformer = load_transformer(model_dir)
+    transformer.mask_token_id = scheduler.mask_token_id  # for GPTQ calibration, which samples real steps
+    yield "transformer", transformer, inputs
+    del transformer
     gc.collect()
 
     vq_decoder = VQDecoderGraph(load_vqvae(model_dir))
@@ -470,8 +520,7 @@ def export_onnx(
     Each graph is checked against PyTorch at `check_size` (pixels) before the manifest is written; on any
     failure nothing is left at `out_dir`.
     """
-    if precision not in PRECISIONS:
-        raise OptionsError(f"unknown precision {precision!r} for ONNX export: choose one of {', '.join(PRECISIONS)}")
+    recipe = parse_recipe(precision)
     model_dir = Path(model_dir)
     text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
     scheduler = load_scheduler_config(model_dir)
@@ -486,19 +535,21 @@ def export_onnx(
         cases = check_cases(model_dir, text_encoder_dir, tmp / "tokenizer", check_size)
         bar = tqdm(total=len(EXPORTERS), disable=not progress, unit="graph")
         for component, graph, inputs in cases:
-            bar.set_description(f"exporting {component} ({precision})")
-            logger.info("exporting %s (%s)", component, precision)
-            graphs[component] = EXPORTERS[component](graph, inputs, tmp, precision)
+            settings = recipe[component]
+            bar.set_description(f"exporting {component} ({settings.precision})")
+            logger.info("exporting %s (%s)", component, settings.precision)
+            graphs[component] = EXPORTERS[component](graph, inputs, tmp, settings)
             del graph, inputs
             bar.update()
         bar.close()
 
-        for graph in graphs.values():
-            graph["precision"] = precision
+        for component, graph in graphs.items():
+            graph["precision"] = recipe[component].precision
             graph["file"], *external = graph.pop("files")
             graph["external_data"] = external
         manifest = {
             "created_by": f"meissonic-edge {__version__}",
+            "recipe": recipe.as_dict(),
             "source": {
                 "model_dir": model_dir.name,
                 "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None,
