@@ -67,6 +67,12 @@ def cmd_export(args) -> None:
 
     if args.format != "onnx":
         raise OptionsError(f"export format {args.format!r} is not available yet: use --format onnx")
+    int4 = {
+        "algorithm": args.int4_algorithm,
+        "block_size": args.int4_block_size,
+        "symmetric": None if args.int4_asymmetric is None else not args.int4_asymmetric,
+        "accuracy_level": args.int4_accuracy_level,
+    }
     path = export_onnx(
         args.model_dir,
         args.out_dir,
@@ -75,8 +81,26 @@ def cmd_export(args) -> None:
         check_size=parse_size(args.check_size),
         overwrite=args.force,
         progress=not args.quiet,
+        int4_settings={k: v for k, v in int4.items() if v is not None},
     )
-    print(f"wrote the {args.precision} ONNX bundle {path} (every graph passed its parity check)")
+    print_bundle_summary(path)
+    print(f"wrote the ONNX bundle {path} (every graph passed its parity check)")
+
+
+def print_bundle_summary(path: Path) -> None:
+    """One line per graph: precision, size on disk, its first cosine check, weights left in float."""
+    from meissonic_edge.bundle import read_manifest
+
+    manifest = read_manifest(path)
+    print(f"{'graph':<14}{'precision':<11}{'MB on disk':>11}  {'parity':<36}float weights left")
+    for name, graph in manifest["graphs"].items():
+        files = [graph["file"], *graph.get("external_data", [])]
+        size = sum(manifest["files"][f]["bytes"] for f in files) / 1e6
+        checks = graph["parity"]
+        metric = next((m for m in checks if m.endswith("cosine")), next(iter(checks)))
+        parity = f"{metric} {checks[metric]['value']:.6g}"
+        left = graph.get("quantization", {}).get("float_weight_ops", "-")
+        print(f"{name:<14}{graph['precision']:<11}{size:>11.1f}  {parity:<36}{left}")
 
 
 def overrides(args) -> dict:
@@ -177,7 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--format", default="onnx", help="onnx (default)")
-    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default), fp16, int8, int4; per graph: transformer=int4,text_encoder=int8,vq_decoder=fp16; "
+        "or a JSON recipe file (see export/recipes/)",
+    )
+    p.add_argument("--int4-algorithm", choices=["rtn", "hqq", "gptq"], help="int4 graphs: quantizer (default rtn)")
+    p.add_argument("--int4-block-size", type=integer, help="int4 graphs: weights per block (default 32)")
+    p.add_argument("--int4-asymmetric", action="store_const", const=True, help="int4 graphs: with zero points")
+    p.add_argument("--int4-accuracy-level", type=integer, help="int4 graphs: MatMulNBits accuracy level (default 4)")
     p.add_argument("--text-encoder", help="take the text encoder and tokenizer from this directory")
     p.add_argument("--check-size", default="256", help="image size of the parity checks, N or HxW (default: 256)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")

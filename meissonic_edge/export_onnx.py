@@ -514,13 +514,17 @@ def export_onnx(
     check_size: tuple[int, int] = (256, 256),
     overwrite: bool = False,
     progress: bool = True,
+    int4_settings: dict | None = None,
 ) -> Path:
     """Export every component of `model_dir` into the bundle `out_dir`; return its path.
+
+    `precision` is a recipe (see `quantize.py`): "fp32", "fp16", "int8", "int4",
+    "transformer=int4,text_encoder=int8,vq_decoder=fp16", or a JSON recipe file.
 
     Each graph is checked against PyTorch at `check_size` (pixels) before the manifest is written; on any
     failure nothing is left at `out_dir`.
     """
-    recipe = parse_recipe(precision)
+    recipe = parse_recipe(precision, int4_settings)
     model_dir = Path(model_dir)
     text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
     scheduler = load_scheduler_config(model_dir)

@@ -27,11 +27,13 @@ layer is an error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import logging
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +151,24 @@ def default_for(component: str, precision: str) -> str:
     return precision
 
 
-def parse_recipe(spec: str) -> Recipe:
-    """ "int4", "transformer=int4,text_encoder=int8", or the path of a JSON recipe file -> Recipe."""
-    spec = spec.strip()
+def parse_recipe(spec: str, int4_settings: dict | None = None) -> Recipe:
+    """A recipe from "int4", "transformer=int4,text_encoder=int8", or the path of a JSON recipe file.
+
+    `int4_settings` (e.g. {"algorithm": "hqq", "block_size": 64}) override the settings of every int4 graph.
+    """
+    recipe = _parse_recipe(spec.strip())
+    if not int4_settings:
+        return recipe
+    components = {}
+    for component, precision in recipe.components.items():
+        if precision.precision == "int4":
+            precision = dataclasses.replace(precision, **int4_settings)
+            precision.validate(component, "int4 options")
+        components[component] = precision
+    return Recipe(recipe.name, components)
+
+
+def _parse_recipe(spec: str) -> Recipe:
     if spec.endswith(".json"):
         return load_recipe_file(Path(spec))
     if "=" not in spec:
@@ -449,6 +466,22 @@ def save(model, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+@contextlib.contextmanager
+def quiet_quantizers():
+    """onnxruntime's quantizers log advice (pre-processing, opset upgrades) at WARNING on the root logger."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def quantize_graph(
     path: Path, settings: ComponentPrecision, component: str, calibration: list[dict] | None = None
 ) -> dict:
@@ -457,12 +490,13 @@ def quantize_graph(
 
     model = onnx.load(str(path))
     rewritten = gemm_to_matmul(model)
-    if settings.precision == "int8":
-        model = quantize_int8(model, settings, component)
-    elif settings.precision == "int4":
-        model = quantize_int4(model, settings, component, calibration)
-    else:
-        raise ValueError(f"not a quantized precision: {settings.precision}")
+    with quiet_quantizers():
+        if settings.precision == "int8":
+            model = quantize_int8(model, settings, component)
+        elif settings.precision == "int4":
+            model = quantize_int4(model, settings, component, calibration)
+        else:
+            raise ValueError(f"not a quantized precision: {settings.precision}")
     save(model, path)
     left = float_weights_left(model)
     report = {
