@@ -220,3 +220,13 @@ def test_bad_recipe_files(tmp_path, component, message):
     path.write_text(json.dumps({"components": {"transformer": component}}))
     with pytest.raises(OptionsError, match=message):
         parse_recipe(str(path))
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "export" / "recipes").glob("*.json"))
+    assert recipes
+    for path in recipes:
+        recipe = parse_recipe(str(path))
+        assert recipe["transformer"].precision in ("int8", "int4"), path.name
