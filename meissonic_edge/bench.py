@@ -14,10 +14,12 @@ its transformer logits on fixed inputs, its final tokens and its images.
       grid.png                 the images side by side: a column per variant (and PyTorch), a row per size
       step_time.png, peak_rss.png, size_on_disk.png
       bundles/<variant>/       the exported bundles; one that has a manifest.json is reused, not re-exported
-      runs/<variant>/<size>px/ job.json, measure.json, image-<i>.png, tokens-<i>.npy for prompt i
-      reference/<size>px/      the same for the PyTorch reference
+      runs/<variant>/<size>px/ image-<i>.png and tokens-<i>.npy for prompt i; generation-job.json and
+                               generation.json (the child's job and result), logits-job.json, logits.json;
+                               for fp32 also transformer_inputs.npz (the logit comparison's inputs)
+      reference/<size>px/      the same for the PyTorch reference (no logits)
 
-A child is `python -m meissonic_edge.bench --child JOB.json`: run one by hand to repeat a measurement.
+Each child is `python -m meissonic_edge.bench --child <work>-job.json`: run one by hand to repeat it.
 
 What is measured, and how:
 - load: constructing the pipeline (for a bundle: the manifest, the sha256 of every file, the sessions;
@@ -68,10 +70,11 @@ REFERENCE_SPEC = "fp32"  # the variant every other one is compared with
 TORCH_NAME = "torch-fp32"  # the PyTorch reference's name in the report
 DEFAULT_PROMPTS = ("a photo of a red fox in the snow",)
 PHASES = ("load", "text_encoding", "sampling", "vq_decode")
+PHASE_LABELS = {"load": "load", "text_encoding": "text encoding", "sampling": "sampling", "vq_decode": "VQ decode"}
 RSS_INTERVAL_S = 0.005
 LOGIT_CHUNK = 256  # positions per float64 softmax chunk: bounds the temporaries to LOGIT_CHUNK x codebook
 MAX_SLUG = 80
-GRID_MIN_CELL = 128  # smaller images are enlarged (nearest neighbour) in the grid so that they can be seen
+GRID_MIN_CELL = 128  # smaller images are enlarged in the grid, by a whole factor (nearest neighbour), to be seen
 PLOT_SIZE = (8.0, 4.5)  # inches at PLOT_DPI: 800 x 450 pixels
 PLOT_DPI = 100
 
@@ -220,19 +223,34 @@ class PhaseWatch:
 
 
 class FeedRecorder:
-    """Stands in for the transformer session for one generation: runs it, and keeps the feeds of chosen steps."""
+    """Stands in for an OnnxPipeline's transformer session during one generation: runs it, and keeps the feeds
+    of chosen steps, so that the logit comparison gets exactly what the graph got."""
 
-    def __init__(self, session, steps: list[int]):
-        self.session = session
+    def __init__(self, pipe, steps: list[int]):
+        self.pipe = pipe
         self.steps = set(steps)
         self.calls = 0
         self.feeds: dict[int, dict[str, np.ndarray]] = {}
+        self.session = None
+        open_session = pipe.session
+
+        def session(name):
+            if name != "transformer":
+                return open_session(name)
+            self.session = open_session(name)
+            return self
+
+        pipe.session = session
 
     def run(self, output_names, feed):
         if self.calls in self.steps:
             self.feeds[self.calls] = {name: np.array(value, copy=True) for name, value in feed.items()}
         self.calls += 1
         return self.session.run(output_names, feed)
+
+    def detach(self) -> dict[int, dict[str, np.ndarray]]:
+        del self.pipe.session  # the class's method again
+        return self.feeds
 
 
 def save_transformer_inputs(path: Path, feeds: dict[int, dict[str, np.ndarray]]) -> None:
@@ -270,8 +288,30 @@ def load_pipeline(job: dict, monitor: RssMonitor) -> tuple[object, float, float]
     return pipe, import_s, load_s
 
 
+def timed_generation(pipe, watch: PhaseWatch, prompt: str, job: dict):
+    """One generation; returns it with its seconds: per step, text encoding, VQ decoding, and in all."""
+    step_ends = []
+    start = time.perf_counter()
+    result = pipe.generate(
+        prompt,
+        steps=job["steps"],
+        seed=job["seed"],
+        height=job["size"],
+        width=job["size"],
+        callback=lambda step, tokens: step_ends.append(time.perf_counter()),
+    )
+    marks = watch.marks
+    seconds = {
+        "steps": [end - begin for begin, end in zip([marks["sampling"], *step_ends[:-1]], step_ends, strict=True)],
+        "text_encoding": marks["sampling"] - marks["text_encoding"],
+        "vq_decode": marks["done"] - marks["vq_decode"],
+        "generation": time.perf_counter() - start,
+    }
+    return result, seconds
+
+
 def measure_generation(job: dict) -> dict:
-    """The child's work: load, then `repeats` generations of every prompt; write tokens and images of the first."""
+    """The child's work: load, then `repeats` generations of every prompt; save tokens and images of the first."""
     from meissonic_edge.imaging import save_image
 
     monitor = RssMonitor()
@@ -279,57 +319,25 @@ def measure_generation(job: dict) -> dict:
     pipe, import_s, load_s = load_pipeline(job, monitor)
     watch = PhaseWatch(pipe, monitor)
     folder = Path(job["folder"])
-    record_steps = job.get("record_steps")
-    step_s, text_s, decode_s, generation_s = [], [], [], []
+    seconds = []
     for repeat in range(job["repeats"]):
         for index, prompt in enumerate(job["prompts"]):
-            recorder = None
-            if record_steps and repeat == 0 and index == 0:  # the logit fidelity inputs: exactly what the graph got
-                open_session = pipe.session
-
-                def recording_session(name, open_session=open_session):
-                    nonlocal recorder
-                    session = open_session(name)
-                    if name != "transformer":
-                        return session
-                    recorder = FeedRecorder(session, record_steps)
-                    return recorder
-
-                pipe.session = recording_session
-            step_ends = []
-            start = time.perf_counter()
-            result = pipe.generate(
-                prompt,
-                steps=job["steps"],
-                seed=job["seed"],
-                height=job["size"],
-                width=job["size"],
-                callback=lambda step, tokens, ends=step_ends: ends.append(time.perf_counter()),
-            )
-            generation_s.append(time.perf_counter() - start)
-            marks = watch.marks
-            step_s += [end - begin for begin, end in zip([marks["sampling"], *step_ends[:-1]], step_ends, strict=True)]
-            text_s.append(marks["sampling"] - marks["text_encoding"])
-            decode_s.append(marks["done"] - marks["vq_decode"])
+            recorder = FeedRecorder(pipe, job["record_steps"]) if job["record_steps"] and not seconds else None
+            result, timings = timed_generation(pipe, watch, prompt, job)
+            seconds.append(timings)
             if recorder is not None:
-                del pipe.session  # back to the class's method
-                save_transformer_inputs(folder / "transformer_inputs.npz", recorder.feeds)
+                save_transformer_inputs(folder / "transformer_inputs.npz", recorder.detach())
             if repeat == 0:
                 write_atomic(folder / f"tokens-{index}.npy", lambda f, t=result.tokens: np.save(f, t))
                 save_image(result.images[0], folder / f"image-{index}.png")
     peaks = monitor.stop()
+    step_s = [step for timings in seconds for step in timings["steps"]]
     return {
         "import_s": import_s,
         "load_s": load_s,
-        "text_encoding_s": statistics.median(text_s),
-        "vq_decode_s": statistics.median(decode_s),
-        "generation_s": statistics.median(generation_s),
-        "step_s": {
-            "median": statistics.median(step_s),
-            "min": min(step_s),
-            "max": max(step_s),
-            "all": step_s,
-        },
+        **{f"{key}_s": statistics.median(t[key] for t in seconds) for key in ("text_encoding", "vq_decode")},
+        "generation_s": statistics.median(t["generation"] for t in seconds),
+        "step_s": {"median": statistics.median(step_s), "min": min(step_s), "max": max(step_s), "all": step_s},
         "peak_rss_mib": {phase: peaks[phase] for phase in PHASES},
         "import_rss_mib": peaks["import"],
         "max_rss_mib": mib(max_rss_bytes()),
@@ -523,7 +531,12 @@ def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, t
 def prepare_bundle(model_dir: Path, variant: Variant) -> None:
     """Export the variant's bundle, or reuse a complete one (one with a manifest.json) already there."""
     if (variant.bundle / "manifest.json").is_file():
+        from meissonic_edge.bundle import read_manifest
+
         logger.info("reusing the bundle %s for %s (delete it to export again)", variant.bundle, variant.spec)
+        source = read_manifest(variant.bundle).get("source", {}).get("model_dir")
+        if source != model_dir.name:
+            logger.warning("the reused bundle %s was exported from %r, not %r", variant.bundle, source, model_dir.name)
         return
     from meissonic_edge.export_onnx import export_onnx
 
@@ -563,8 +576,37 @@ def generation_job(backend: str, path: Path, folder: Path, size: int, settings: 
         "folder": str(folder),
         "size": size,
         "record_steps": sorted({0, steps // 2, steps - 1}) if record else None,
-        **{key: settings[key] for key in ("steps", "repeats", "prompts", "seed", "threads", "low_memory")},
+        **settings,
     }
+
+
+def measure_variant(variant: Variant, fp32: Variant, size: int, settings: dict, out_dir: Path) -> Run:
+    """One variant at one size: its generation, then its fidelity against the fp32 run (which comes first)."""
+    folder = out_dir / "runs" / variant.name / f"{size}px"
+    fp32_folder = out_dir / "runs" / fp32.name / f"{size}px"
+    what = f"{variant.name} at {size} px"
+    job = generation_job("onnx", variant.bundle, folder, size, settings, record=variant is fp32)
+    run = Run(variant.name, "onnx", size, folder, run_child(job, folder, what))
+    logits_job = {
+        "work": "logits",
+        "reference_bundle": str(fp32.bundle),
+        "bundle": str(variant.bundle),
+        "inputs": str(fp32_folder / "transformer_inputs.npz"),
+        "threads": settings["threads"],
+    }
+    logits = run_child(logits_job, folder, f"logit fidelity of {what}")
+    run.fidelity = {"logits": summarize_logits(logits), **output_fidelity(folder, fp32_folder, settings["prompts"])}
+    return run
+
+
+def measure_reference(model_dir: Path, fp32: Variant, size: int, settings: dict, out_dir: Path) -> Run:
+    """The PyTorch reference at one size, and how its outputs compare with the fp32 variant's."""
+    folder = out_dir / "reference" / f"{size}px"
+    job = generation_job("torch", model_dir, folder, size, settings, record=False)
+    run = Run(TORCH_NAME, "torch", size, folder, run_child(job, folder, f"PyTorch reference at {size} px"))
+    fp32_folder = out_dir / "runs" / fp32.name / f"{size}px"
+    run.fidelity = {"logits": None, **output_fidelity(folder, fp32_folder, settings["prompts"])}
+    return run
 
 
 def bench(
@@ -584,14 +626,14 @@ def bench(
 ) -> dict:
     """Benchmark each variant against fp32 and PyTorch; write the report into `out_dir` and return it.
 
-    `variants` are precision specs for `export_onnx` ("fp16", later "int8", recipes), fp32 is always added.
-    `adherence_fn(image, prompt) -> bool`, when given, scores how often each variant's images follow the prompt.
+    `variants` are precision specs as `export_onnx(precision=...)` takes them ("fp16", "int8", recipes); fp32
+    is always added. `adherence_fn(image, prompt) -> bool`, when given, scores each variant's prompt adherence.
     """
     from tqdm.auto import tqdm
 
     arguments = {
         "model_dir": str(model_dir),
-        "variants": list(variants) if not isinstance(variants, str) else variants,
+        "variants": variants,
         "out_dir": str(out_dir),
         "sizes": list(sizes),
         "steps": steps,
@@ -607,13 +649,10 @@ def bench(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionsError(f"cannot write the report to {out_dir}: it is a file")
-    settings = {"steps": steps, "repeats": repeats, "prompts": prompts, "seed": seed}
-    settings.update(threads=threads, low_memory=low_memory)
+    settings = dict(steps=steps, repeats=repeats, prompts=prompts, seed=seed, threads=threads, low_memory=low_memory)
 
-    all_variants = [
-        Variant(spec, variant_slug(spec), spec in variants, out_dir / "bundles" / variant_slug(spec))
-        for spec in dict.fromkeys([REFERENCE_SPEC, *variants])
-    ]
+    names = {spec: variant_slug(spec) for spec in [REFERENCE_SPEC, *variants]}
+    all_variants = [Variant(spec, name, spec in variants, out_dir / "bundles" / name) for spec, name in names.items()]
     for variant in tqdm(all_variants, desc="bundles", disable=not progress, unit="bundle"):
         prepare_bundle(model_dir, variant)
     fp32 = all_variants[0]
@@ -621,30 +660,13 @@ def bench(
     runs: list[Run] = []
     bar = tqdm(total=len(sizes) * (len(all_variants) + include_reference), disable=not progress, unit="run")
     for size in sizes:
-        fp32_folder = out_dir / "runs" / fp32.name / f"{size}px"
         for variant in all_variants:
             bar.set_description(f"{variant.name} at {size} px")
-            folder = out_dir / "runs" / variant.name / f"{size}px"
-            job = generation_job("onnx", variant.bundle, folder, size, settings, record=variant is fp32)
-            run = Run(variant.name, "onnx", size, folder, run_child(job, folder, f"{variant.name} at {size} px"))
-            logits_job = {
-                "work": "logits",
-                "reference_bundle": str(fp32.bundle),
-                "bundle": str(variant.bundle),
-                "inputs": str(fp32_folder / "transformer_inputs.npz"),
-                "threads": threads,
-            }
-            logits = run_child(logits_job, folder, f"logit fidelity of {variant.name} at {size} px")
-            run.fidelity = {"logits": summarize_logits(logits), **output_fidelity(folder, fp32_folder, prompts)}
-            runs.append(run)
+            runs.append(measure_variant(variant, fp32, size, settings, out_dir))
             bar.update()
         if include_reference:
             bar.set_description(f"PyTorch reference at {size} px")
-            folder = out_dir / "reference" / f"{size}px"
-            job = generation_job("torch", model_dir, folder, size, settings, record=False)
-            run = Run(TORCH_NAME, "torch", size, folder, run_child(job, folder, f"PyTorch reference at {size} px"))
-            run.fidelity = {"logits": None, **output_fidelity(folder, fp32_folder, prompts)}
-            runs.append(run)
+            runs.append(measure_reference(model_dir, fp32, size, settings, out_dir))
             bar.update()
     bar.close()
 
@@ -921,7 +943,7 @@ def grid_image(report: dict, out_dir: Path):
         for i in range(len(prompts))
     ]
     pad = 8
-    cell = {size: max(size, GRID_MIN_CELL) for size in sizes}
+    cell = {size: size * -(-GRID_MIN_CELL // size) for size in sizes}  # the smallest multiple >= GRID_MIN_CELL
     column_width = max([*cell.values(), *(text_size(name)[0] for name in columns)]) + pad
     label_width = max(text_size(label)[0] for *_, label in rows) + 2 * pad
     header = max(text_size(name)[1] for name in columns) + 2 * pad
@@ -986,7 +1008,7 @@ def plot_peak_rss(report: dict, path: Path) -> None:
     fig = Figure(figsize=(PLOT_SIZE[0], PLOT_SIZE[1] * len(sizes)), dpi=PLOT_DPI)
     for i, size in enumerate(sizes):
         ax = fig.add_subplot(len(sizes), 1, i + 1)
-        series = {p.replace("_", " "): [runs[(n, size)]["peak_rss_mib"][p] for n in names] for p in PHASES}
+        series = {PHASE_LABELS[p]: [runs[(n, size)]["peak_rss_mib"][p] for n in names] for p in PHASES}
         series["process max"] = [runs[(n, size)]["max_rss_mib"] for n in names]
         grouped_bars(ax, names, series)
         ax.set_ylabel("peak RSS (MiB)")

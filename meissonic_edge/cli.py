@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="the text encoder directory used at export, if any")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
+
+    from meissonic_edge.bench_cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -319,16 +319,22 @@ def compare(component: str, session, inputs: dict, refs: list[np.ndarray], preci
 
 
 def export_component(
-    component: str, graph: nn.Module, inputs: dict, out_dir: Path, settings: ComponentPrecision, spec
+    component: str, load, inputs: dict, out_dir: Path, settings: ComponentPrecision, make_spec
 ) -> dict:
-    """The recipe shared by every graph: reference first (fp32), export, quantize if asked, check against PyTorch."""
+    """The recipe shared by every graph: reference first (fp32), export, quantize if asked, check against PyTorch.
+
+    `load()` gives the fp32 module; it is released before quantization, which needs only the exported graph.
+    """
+    graph = load()
     refs = reference_outputs(component, graph, inputs)
     calibration = None
     if settings.precision == "int4" and settings.algorithm == "gptq":
         calibration = calibration_feeds(component, graph, inputs, settings.calibration_steps)
-    sample, dynamic, output_names = spec
+    sample, dynamic, output_names = make_spec(graph)
     path = out_dir / f"{component}.onnx"
     export_graph(graph, sample, path, list(inputs), output_names, dynamic, component, settings.torch_precision)
+    del graph
+    gc.collect()
     quantization = None
     if settings.precision in ("int8", "int4"):
         logger.info("quantizing %s to %s", component, settings.precision)
@@ -373,40 +379,51 @@ def calibration_feeds(component: str, graph: nn.Module, inputs: dict, steps: int
     return feeds
 
 
-def export_text_encoder(graph: TextEncoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
+def export_text_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
-    spec = ((inputs["input_ids"][:2],), {"input_ids": {0: batch}}, ["text_embeds", "hidden_states"])
-    return export_component("text_encoder", graph, inputs, out_dir, settings, spec)
+
+    def spec(graph):
+        return (inputs["input_ids"][:2],), {"input_ids": {0: batch}}, ["text_embeds", "hidden_states"]
+
+    return export_component("text_encoder", load, inputs, out_dir, settings, spec)
 
 
-def export_transformer(transformer: nn.Module, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
-    unit = 2 if transformer.config.downsample else 1  # the grid must stay divisible by the feature compression
+def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
-    grid_h = torch.export.Dim("grid_h", min=1, max=512 // unit)
-    grid_w = torch.export.Dim("grid_w", min=1, max=512 // unit)
-    sample = {k: v[:2] for k, v in inputs.items()}
-    sample["tokens"] = sample["tokens"][:, : 4 * unit, : 3 * unit].contiguous()  # distinct sizes: none specialised
-    dynamic = {name: {0: batch} for name in inputs}
-    dynamic["tokens"] = {0: batch, 1: unit * grid_h, 2: unit * grid_w}
-    return export_component(
-        "transformer", transformer, inputs, out_dir, settings, (tuple(sample.values()), dynamic, ["logits"])
-    )
+
+    def spec(transformer):
+        unit = 2 if transformer.config.downsample else 1  # the grid must stay divisible by the feature compression
+        grid_h = torch.export.Dim("grid_h", min=1, max=512 // unit)
+        grid_w = torch.export.Dim("grid_w", min=1, max=512 // unit)
+        sample = {k: v[:2] for k, v in inputs.items()}
+        sample["tokens"] = sample["tokens"][:, : 4 * unit, : 3 * unit].contiguous()  # distinct: none specialised
+        dynamic = {name: {0: batch} for name in inputs}
+        dynamic["tokens"] = {0: batch, 1: unit * grid_h, 2: unit * grid_w}
+        return tuple(sample.values()), dynamic, ["logits"]
+
+    return export_component("transformer", load, inputs, out_dir, settings, spec)
 
 
-def export_vq_decoder(graph: VQDecoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
+def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
-    sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
-    spec = (sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"])
-    return export_component("vq_decoder", graph, inputs, out_dir, settings, spec)
+
+    def spec(graph):
+        sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
+        return sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"]
+
+    return export_component("vq_decoder", load, inputs, out_dir, settings, spec)
 
 
-def export_vq_encoder(graph: VQEncoderGraph, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
+def export_vq_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("grid_h", min=1, max=512), torch.export.Dim("grid_w", min=1, max=512)
-    sample = (inputs["image"][:2, :, : 3 * VQ_STRIDE, : 2 * VQ_STRIDE].contiguous(),)
-    spec = (sample, {"image": {0: batch, 2: VQ_STRIDE * height, 3: VQ_STRIDE * width}}, ["tokens"])
-    return export_component("vq_encoder", graph, inputs, out_dir, settings, spec)
+
+    def spec(graph):
+        sample = (inputs["image"][:2, :, : 3 * VQ_STRIDE, : 2 * VQ_STRIDE].contiguous(),)
+        return sample, {"image": {0: batch, 2: VQ_STRIDE * height, 3: VQ_STRIDE * width}}, ["tokens"]
+
+    return export_component("vq_encoder", load, inputs, out_dir, settings, spec)
 
 
 EXPORTERS = {
@@ -436,39 +453,41 @@ def transformer_check_inputs(config: TransformerConfig, conditioning, grid: tupl
 
 
 def check_cases(model_dir: Path, text_encoder_dir: Path | None, tokenizer_dir: Path, check_size: tuple[int, int]):
-    """Yield (component, fp32 graph module, real check inputs) in export order, one component in memory at a time.
+    """Yield (component, load, real check inputs) in export order; `load()` gives the fp32 graph module.
 
     The inputs are real: prompts through the bundle's tokenizer, the text encoder's output as the
-    transformer's conditioning, decoded images as the VQ encoder's input.
+    transformer's conditioning, decoded images as the VQ encoder's input. Nothing here keeps a module
+    alive between components, so one component's weights are in memory at a time.
     """
     scheduler = load_scheduler_config(model_dir)
     config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
     grid = (check_size[0] // VQ_STRIDE, check_size[1] // VQ_STRIDE)
     input_ids = torch.from_numpy(ClipTokenizer.from_dir(tokenizer_dir).encode(CHECK_PROMPTS))
 
-    text_encoder = TextEncoderGraph(load_text_encoder(model_dir, text_encoder_dir))
+    def load_text_encoder_graph():
+        return TextEncoderGraph(load_text_encoder(model_dir, text_encoder_dir))
+
+    def load_transformer_graph():
+        transformer = load_transformer(model_dir)
+        transformer.mask_token_id = scheduler.mask_token_id  # for GPTQ calibration, which samples real steps
+        return transformer
+
+    def load_vq(kind):
+        return lambda: kind(load_vqvae(model_dir))
+
     with torch.no_grad():  # [negative ""; prompt] conditioning for the transformer's check
-        conditioning = text_encoder(input_ids[[2, 0]])
-    yield "text_encoder", text_encoder, {"input_ids": input_ids}
-    del text_encoder
+        conditioning = load_text_encoder_graph()(input_ids[[2, 0]])
     gc.collect()
-
+    yield "text_encoder", load_text_encoder_graph, {"input_ids": input_ids}
     inputs = transformer_check_inputs(config, conditioning, grid, scheduler.mask_token_id)
-    transformer = load_transformer(model_dir)
-    transformer.mask_token_id = scheduler.mask_token_id  # for GPTQ calibration, which samples real steps
-    yield "transformer", transformer, inputs
-    del transformer
-    gc.collect()
+    yield "transformer", load_transformer_graph, inputs
 
-    vq_decoder = VQDecoderGraph(load_vqvae(model_dir))
     tokens = torch.randint(0, config.codebook_size, (2, *grid), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # decoded images are realistic inputs for the encoder's check
-        images = vq_decoder(tokens)
-    yield "vq_decoder", vq_decoder, {"tokens": tokens}
-    del vq_decoder
+        images = load_vq(VQDecoderGraph)()(tokens)
     gc.collect()
-    yield "vq_encoder", VQEncoderGraph(load_vqvae(model_dir)), {"image": images}  # fresh fp32 weights
-    gc.collect()
+    yield "vq_decoder", load_vq(VQDecoderGraph), {"tokens": tokens}
+    yield "vq_encoder", load_vq(VQEncoderGraph), {"image": images}
 
 
 # ----------------------------------------------------------------------------------------------- the bundle
@@ -538,12 +557,11 @@ def export_onnx(
         tokenizer_parity = check_tokenizer(reference_tokenizer, tmp / "tokenizer")
         cases = check_cases(model_dir, text_encoder_dir, tmp / "tokenizer", check_size)
         bar = tqdm(total=len(EXPORTERS), disable=not progress, unit="graph")
-        for component, graph, inputs in cases:
+        for component, load, inputs in cases:
             settings = recipe[component]
             bar.set_description(f"exporting {component} ({settings.precision})")
             logger.info("exporting %s (%s)", component, settings.precision)
-            graphs[component] = EXPORTERS[component](graph, inputs, tmp, settings)
-            del graph, inputs
+            graphs[component] = EXPORTERS[component](load, inputs, tmp, settings)
             bar.update()
         bar.close()
 
@@ -609,11 +627,11 @@ def verify_parity(
     results = {"tokenizer": check_tokenizer(load_clip_tokenizer(model_dir, text_encoder_dir), tokenizer_dir)}
     check_size = tuple(manifest.get("check_size", (256, 256)))
     cases = check_cases(model_dir, text_encoder_dir, tokenizer_dir, check_size)
-    for component, graph, inputs in tqdm(cases, total=len(EXPORTERS), disable=not progress, desc="verifying"):
+    for component, load, inputs in tqdm(cases, total=len(EXPORTERS), disable=not progress, desc="verifying"):
         entry = manifest["graphs"].get(component)
         if entry is not None:
-            refs = reference_outputs(component, graph, inputs)
+            refs = reference_outputs(component, load(), inputs)
+            gc.collect()
             session = open_session(bundle_dir / entry["file"])
             results[component] = compare(component, session, inputs, refs, entry["precision"])
-        del graph, inputs
     return results

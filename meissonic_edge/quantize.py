@@ -139,6 +139,8 @@ def _component_precision(value, component: str, source: str) -> ComponentPrecisi
         elif type(item) is not type(default):
             raise OptionsError(f"{source}: {component}.{key} must be {type(default).__name__}, got {item!r}")
         settings[key] = item
+    if component in CONVOLUTIONAL and settings.get("precision") == "int8":
+        settings.setdefault("quantize_convs", True)  # convolutions are all these graphs have to quantize
     precision = ComponentPrecision(**settings)
     precision.validate(component, source)
     return precision
@@ -355,20 +357,19 @@ def quantize_gathers_int8(model, excluded: set[str]) -> int:
     return rewritten
 
 
-def quantize_int8(model, settings: ComponentPrecision, component: str):
+def quantize_int8(path: Path, settings: ComponentPrecision, component: str):
+    """onnxruntime's dynamic quantization of the graph at `path` (already rewritten and saved); returns the model."""
     import tempfile
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = ["MatMul"] + (["Conv"] if settings.quantize_convs else [])
-    excluded = select_nodes(model, settings.float_layers, component)
-    quantize_gathers_int8(model, set(excluded))
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        save(model, source)
+    excluded = select_nodes(onnx.load(str(path), load_external_data=False), settings.float_layers, component)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        target = Path(tmp) / "quantized.onnx"
         quantize_dynamic(
-            source,
+            path,
             target,
             op_types_to_quantize=op_types,
             per_channel=True,
@@ -492,7 +493,10 @@ def quantize_graph(
     rewritten = gemm_to_matmul(model)
     with quiet_quantizers():
         if settings.precision == "int8":
-            model = quantize_int8(model, settings, component)
+            quantize_gathers_int8(model, set(select_nodes(model, settings.float_layers, component)))
+            save(model, path)  # onnxruntime's dynamic quantizer works file to file: free our copy first
+            del model
+            model = quantize_int8(path, settings, component)
         elif settings.precision == "int4":
             model = quantize_int4(model, settings, component, calibration)
         else:

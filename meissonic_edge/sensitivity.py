@@ -297,7 +297,7 @@ class RecordedStep:
 
 
 class RecordingDenoiser:
-    """The fp32 transformer as a sampler `Denoiser` that keeps what `StepDamage` re-runs from."""
+    """The fp32 transformer as a sampler `Denoiser` that keeps what `damage` re-runs from."""
 
     def __init__(self, staged, encoder_hidden_states, text_embeds, micro_conds, guidance_scale, mask_token_id):
         self.staged = staged
@@ -310,7 +310,7 @@ class RecordingDenoiser:
     def logits(self, tokens: np.ndarray, timestep: int) -> np.ndarray:
         hidden, text_embeds, micro = self.conditioning
         batch = tokens.shape[0]
-        inputs = (torch.from_numpy(tokens), hidden, text_embeds, micro, torch.full((batch,), float(timestep)))
+        inputs = (torch.tensor(tokens), hidden, text_embeds, micro, torch.full((batch,), float(timestep)))
         entering = [None]
         logits = self.staged.run(self.staged.stem(*inputs), keep=entering).numpy()  # ([2]P, h*w, K)
         drawn = sampled_logits(logits.copy(), self.guidance_scale)  # (P, h*w, K)
@@ -394,7 +394,9 @@ def measure_sensitivity(
     from meissonic_edge.checkpoint import load_scheduler_config, load_transformer, transformer_folder
 
     began = time.perf_counter()
-    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    if prompts is None:
+        prompts = DEFAULT_PROMPTS
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     config = TransformerConfig.from_json_file(transformer_folder(Path(model_dir)) / "config.json")
     check_settings(config, size, steps, prompts, block_size)
     scheduler = load_scheduler_config(model_dir)
@@ -596,8 +598,8 @@ def write_recipe(
         "name": name or out_path.stem,
         "description": (
             f"int4 RTN (block {block_size}) with the {len(chosen)} of {len(groups)} layer groups that int4 damages "
-            f"most (measured logit KL) at 8 bits; transformer weights ~{estimate / MB:.1f} MB "
-            f"({estimate / sizes.fp32:.3f} of fp32), budget {budget / MB:.1f} MB"
+            f"most (measured logit KL) at 8 bits; transformer weights ~{megabytes(estimate / MB)} "
+            f"({estimate / sizes.fp32:.3f} of fp32), budget {megabytes(budget / MB)}"
         ),
         "components": {
             "transformer": {
@@ -632,13 +634,17 @@ def write_recipe(
     return recipe
 
 
+def megabytes(mb: float) -> str:
+    return f"{mb:,.1f} MB" if mb >= 10 else f"{mb:.3f} MB"
+
+
 def markdown_report(report: dict) -> str:
+    sizes = {k: megabytes(report[k]) for k in ("fp32_mb", "all_int4_mb", "all_int8_mb", "budget_mb", "estimated_mb")}
     lines = [
         f"# int4 sensitivity: {report['recipe']}",
         "",
-        f"Transformer weights: fp32 {report['fp32_mb']:.1f} MB, all int4 {report['all_int4_mb']:.1f} MB, "
-        f"all int8 {report['all_int8_mb']:.1f} MB; budget {report['budget_mb']:.1f} MB, "
-        f"this recipe ~{report['estimated_mb']:.1f} MB.",
+        f"Transformer weights: fp32 {sizes['fp32_mb']}, all int4 {sizes['all_int4_mb']}, "
+        f"all int8 {sizes['all_int8_mb']}; budget {sizes['budget_mb']}, this recipe ~{sizes['estimated_mb']}.",
         "",
     ]
     if report["measurement"]:

@@ -140,7 +140,7 @@ def test_fidelity_against_fp32(bench_run):
     assert [s["step"] for s in same["logits"]["steps"]] == [0, 1, 2]
     assert same["logits"]["cosine_min"] == pytest.approx(1.0, abs=1e-12)
     assert same["logits"]["kl_mean_max"] < 1e-12 and same["logits"]["top1_agreement_min"] == 1.0
-    assert same["token_agreement"] == 1.0 and same["psnr_db"] == float("inf") and same["ssim"] == 1.0
+    assert same["token_agreement"] == 1.0 and same["psnr_db"] == float("inf") and same["ssim"] == pytest.approx(1.0)
 
     fp16 = runs["fp16"]["fidelity"]
     assert fp16["logits"]["cosine_min"] > 0.999 and 0 <= fp16["logits"]["kl_mean_max"] < 1e-3

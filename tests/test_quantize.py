@@ -158,7 +158,8 @@ def test_float_layers_are_left_alone_and_reported(fp32_transformer):
 
 
 def test_recipe_naming_a_missing_layer_is_an_error(fp32_transformer, tiny_model_dir, tmp_path):
-    with pytest.raises(OptionsError, match="layer 'transformer_blocks.99.\\*', which matches no layer of the transformer graph"):
+    message = "layer 'transformer_blocks.99.\\*', which matches no layer of the transformer graph"
+    with pytest.raises(OptionsError, match=message):
         quantize_graph(
             fp32_transformer, ComponentPrecision("int4", int8_layers=("transformer_blocks.99.*",)), "transformer"
         )
