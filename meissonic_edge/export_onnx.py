@@ -182,6 +182,21 @@ def reference_vq_tokens(vqvae, image: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- the recipe
 
 
+FOLD_LIMIT = 1 << 28  # elements: larger than any weight of the model
+
+
+def fold_weight_expressions(model) -> None:
+    """Fold what is computed from weights alone (reshaping a 1x1 conv's kernel, say) into initializers.
+
+    torch.onnx folds only small tensors; a weight left behind a Reshape or Gather is one that MatMul
+    quantizers cannot see, and one the runtime recomputes at every step.
+    """
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
+    onnxscript.optimizer.remove_unused_nodes(model)
+
+
 def hierarchical_names(model) -> None:
     """Name each node after the module that produced it, e.g. `/transformer_blocks.3.attn.to_q/MatMul`."""
     used: dict[str, int] = {}
@@ -250,6 +265,7 @@ def export_graph(
             optimize=True,
             verbose=False,
         )
+    fold_weight_expressions(program.model)
     hierarchical_names(program.model)
     program.model.metadata_props.update(
         {
@@ -571,6 +587,7 @@ def export_onnx(
             graph["external_data"] = external
         manifest = {
             "created_by": f"meissonic-edge {__version__}",
+            "backend": "onnx",
             "recipe": recipe.as_dict(),
             "source": {
                 "model_dir": model_dir.name,

@@ -289,16 +289,33 @@ def gemm_to_matmul(model) -> int:
     return rewritten
 
 
+def constant_tensors(model) -> set[str]:
+    """Tensors computable from initializers alone (initializers, and what nodes make of them)."""
+    constant = initializer_names(model)
+    for node in model.graph.node:  # nodes are in topological order
+        if node.input and all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+    return constant
+
+
 def float_weights_left(model) -> list[str]:
-    """Nodes that still multiply by (or look up) a float weight matrix: what quantization did not reach."""
+    """Nodes that still multiply by (or look up) a float weight: what quantization did not reach.
+
+    A weight counts whether it is an initializer or computed from initializers (behind a Reshape, say).
+    """
     from onnx import TensorProto
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
     inits = {init.name: init for init in model.graph.initializer}
+    constant = constant_tensors(model)
     left = []
-    for node in weight_nodes(model):
-        weight = inits[node.input[0] if node.op_type == "Gather" else node.input[1]]
-        if weight.data_type in floats and not node.name.endswith("/GatherScale"):  # row scales of int8 tables
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or node.name.endswith("/GatherScale"):  # row scales of int8 tables
+            continue
+        weight = node.input[0] if node.op_type == "Gather" else (node.input[1] if len(node.input) > 1 else "")
+        if weight not in constant:
+            continue
+        if weight not in inits or inits[weight].data_type in floats:
             left.append(node.name)
     return left
 

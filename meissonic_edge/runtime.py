@@ -98,6 +98,11 @@ class OnnxPipeline:
     ):
         self.root = Path(bundle_dir)
         self.manifest = read_manifest(self.root)
+        if self.manifest.get("backend", "onnx") != "onnx":
+            raise BundleError(
+                f"{self.root} is a {self.manifest['backend']} bundle; this runtime runs ONNX bundles "
+                "(export one with --format onnx)"
+            )
         verify_files(self.root, self.manifest, checksums=verify_checksums)
         self.model = self.manifest["model"]
         self.tokenizer = ClipTokenizer.from_dir(self.root / self.manifest["tokenizer"]["dir"])
