@@ -22,6 +22,14 @@ import time
 from pathlib import Path
 
 
+def peak_rss_kb() -> int:
+    """This process's own peak RSS (VmHWM). getrusage's ru_maxrss is inherited across exec on Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def measure(backend: str, path: str, size: int, steps: int, threads: int | None) -> dict:
     """One generation in this process; returns phase timings and the process's peak RSS."""
     start = time.perf_counter()
@@ -76,7 +84,7 @@ def measure(backend: str, path: str, size: int, steps: int, threads: int | None)
         "step_s_min": round(min(step_times), 3),
         "step_s_max": round(max(step_times), 3),
         "generation_s": round(total, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_kb() / 1024),
     }
 
 
