@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.bench import GRID_MIN_CELL, PHASES, bench, logit_agreement, ssim, variant_slug
+from meissonic_edge.bench import PHASES, bench, logit_agreement, ssim, variant_slug
 from meissonic_edge.bench_cli import add_bench_parser
+from meissonic_edge.bench_report import GRID_MIN_CELL
 from meissonic_edge.cli import Parser
 from meissonic_edge.errors import ModelDirError, OptionsError
 
