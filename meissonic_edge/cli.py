@@ -63,25 +63,54 @@ def cmd_make_random(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from meissonic_edge.export_onnx import export_onnx, parse_size
+    from meissonic_edge.export_onnx import parse_size
 
-    if args.format != "onnx":
-        raise OptionsError(f"export format {args.format!r} is not available yet: use --format onnx")
+    coreml_only = {
+        "--minimum-target": args.minimum_target,
+        "--sizes": args.sizes,
+        "--transformer-batch": args.transformer_batch,
+    }
     int4 = {
         "algorithm": args.int4_algorithm,
         "block_size": args.int4_block_size,
         "symmetric": None if args.int4_asymmetric is None else not args.int4_asymmetric,
         "accuracy_level": args.int4_accuracy_level,
     }
+    int4 = {k: v for k, v in int4.items() if v is not None}
+    if args.format == "coreml":
+        if int4:
+            raise OptionsError("--int4-* options apply to --format onnx (CoreML int4 is symmetric, block 32)")
+        from meissonic_edge.export_coreml import export_coreml
+
+        path = export_coreml(
+            args.model_dir,
+            args.out_dir,
+            precision=args.precision or "fp16",
+            minimum_target=args.minimum_target or "iOS18",
+            sizes=args.sizes or "512,1024",
+            transformer_batch=args.transformer_batch or 2,
+            text_encoder_dir=args.text_encoder,
+            check_size=parse_size(args.check_size),
+            overwrite=args.force,
+            progress=not args.quiet,
+        )
+        print_bundle_summary(path)
+        print(f"wrote the CoreML bundle {path} (every graph's decompressed weights passed their fidelity check)")
+        return
+    given = [flag for flag, value in coreml_only.items() if value is not None]
+    if given:
+        raise OptionsError(f"{', '.join(given)} apply to --format coreml")
+    from meissonic_edge.export_onnx import export_onnx
+
     path = export_onnx(
         args.model_dir,
         args.out_dir,
-        precision=args.precision,
+        precision=args.precision or "fp32",
         text_encoder_dir=args.text_encoder,
         check_size=parse_size(args.check_size),
         overwrite=args.force,
         progress=not args.quiet,
-        int4_settings={k: v for k, v in int4.items() if v is not None},
+        int4_settings=int4,
     )
     print_bundle_summary(path)
     print(f"wrote the ONNX bundle {path} (every graph passed its parity check)")
@@ -137,6 +166,10 @@ def cmd_generate(args) -> None:
         if args.text_encoder:
             raise OptionsError("--text-encoder applies to model directories; a bundle carries its own text encoder")
         manifest = read_manifest(path)
+        if manifest.get("backend", "onnx") != "onnx":
+            raise OptionsError(
+                f"{path} is a {manifest['backend']} bundle, which runs in an app: see runtimes/swift/README.md"
+            )
         options = replace(options_from_manifest(manifest), **overrides(args))
         options.validate(manifest["model"]["token_stride"])  # before any graph is loaded
         providers = args.provider.split(",") if args.provider else None
@@ -160,6 +193,10 @@ def cmd_verify(args) -> None:
     from meissonic_edge.bundle import read_manifest, verify_files
 
     manifest = read_manifest(args.bundle)
+    if manifest.get("backend") == "coreml" and args.model is not None:
+        raise OptionsError(
+            "a CoreML bundle's fidelity was checked at export (manifest parity); verify checks checksums"
+        )
     verify_files(args.bundle, manifest, checksums=True)
     print(f"{args.bundle}: manifest version {manifest['format_version']}, {len(manifest['files'])} files, checksums OK")
     if args.model is None:
@@ -200,12 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a model directory to a bundle of graphs")
     p.add_argument("model_dir")
     p.add_argument("out_dir")
-    p.add_argument("--format", default="onnx", help="onnx (default)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "coreml"], help="onnx (default) or coreml")
     p.add_argument(
         "--precision",
-        default="fp32",
-        help="fp32 (default), fp16, int8, int4; per graph: transformer=int4,text_encoder=int8,vq_decoder=fp16; "
-        "or a JSON recipe file (see export/recipes/)",
+        help="onnx: fp32 (default), fp16, int8, int4, GRAPH=P,... or a JSON recipe (export/recipes/); "
+        "coreml: fp16 (default), int8, int4, palettize4, palettize6 or GRAPH=P,...",
+    )
+    p.add_argument("--minimum-target", help="coreml: iOS17, iOS18 (default), macOS14, macOS15; int4 needs iOS18+")
+    p.add_argument(
+        "--sizes", help="coreml: image sizes, comma-separated N or HxW; one package per size (default 512,1024)"
+    )
+    p.add_argument(
+        "--transformer-batch", type=integer, choices=[1, 2], help="coreml: 2 = guidance in one call (default), 1"
     )
     p.add_argument("--int4-algorithm", choices=["rtn", "hqq", "gptq"], help="int4 graphs: quantizer (default rtn)")
     p.add_argument("--int4-block-size", type=integer, help="int4 graphs: weights per block (default 32)")

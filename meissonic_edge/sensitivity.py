@@ -541,6 +541,35 @@ def report_paths(out_path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".sensitivity.json"), stem.with_name(stem.name + ".sensitivity.md")
 
 
+def read_report(path: str | Path) -> list[GroupSensitivity]:
+    """The measurements in a `NAME.sensitivity.json` report: to write a recipe for another budget without
+    measuring again (`write_recipe(read_report(path), ...)`)."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        fields = {"name", "patterns", "params", "float_params", "kl", "agreement", "block_size"}
+        groups = [
+            GroupSensitivity(**{**{k: g[k] for k in fields}, "patterns": tuple(g["patterns"])})
+            for g in report["groups"]
+        ]
+    except FileNotFoundError:
+        raise OptionsError(f"sensitivity report not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OptionsError(f"{path} is not a sensitivity report: {e!r}") from None
+    order = {name: i for i, name in enumerate(report.get("order", []))}
+    groups.sort(key=lambda g: order.get(g.name, len(order)))
+    combined = report.get("all_groups_int4")
+    if combined:
+        params, floats = sum(g.params for g in groups), sum(g.float_params for g in groups)
+        block_size = groups[0].block_size if groups else 32
+        groups.append(
+            GroupSensitivity(
+                ALL_GROUPS, ("*",), params, floats, combined["kl"], combined["agreement"], block_size, scope="all"
+            )
+        )
+    return groups
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -621,6 +650,7 @@ def write_recipe(
         "all_int8_mb": sizes.all_int8 / MB,
         "measurement": measurement or {},
         "all_groups_int4": None if combined is None else {"kl": combined.kl, "agreement": combined.agreement},
+        "order": [g.name for g in groups],  # forward order; `groups` below is sorted by KL
         "groups": [
             {**g.to_dict(), "precision": "int8" if g.name in chosen else "int4"}
             for g in sorted(groups, key=lambda g: g.kl, reverse=True)

@@ -122,3 +122,16 @@ def test_make_random_creates_parents_but_not_over_files(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = run(capsys, "make-random", tmp_path / "file" / "tiny")
     one_line_error(code, err, "cannot write .*file/tiny")
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--format", "coreml", "--int4-block-size", "32"], "--int4-\\* options apply to --format onnx"),
+        (["--sizes", "512"], "--sizes apply to --format coreml"),
+    ],
+)
+def test_export_option_mixups(tiny_model_dir, tmp_path, capsys, args, pattern):
+    code, _, err = run(capsys, "export", tiny_model_dir, tmp_path / "b", *args)
+    one_line_error(code, err, pattern)
+    assert not (tmp_path / "b").exists()

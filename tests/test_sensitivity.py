@@ -195,6 +195,10 @@ def test_recipe_loads_and_respects_the_budget(measured, tmp_path):
         "mixed.sensitivity.json",
         "mixed.sensitivity.md",
     ]
+    # the report holds the measurements: another budget needs no new measurement
+    assert sensitivity.read_report(tmp_path / "mixed.sensitivity.json") == measured
+    with pytest.raises(OptionsError, match="not a sensitivity report"):
+        sensitivity.read_report(out)
 
 
 def test_budget_for_exactly_the_top_group_takes_it_alone(measured, tmp_path):
