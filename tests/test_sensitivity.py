@@ -323,3 +323,12 @@ def test_fake_quantized_model_is_onnxruntime_int4_graph(tiny_model_dir, tmp_path
     theirs = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
     assert np.abs(theirs - reference).max() > 1e-2  # int4 is visible...
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=5e-5)  # ...and the same in both
+
+
+def test_command_module_imports_without_torch():
+    """cli.py registers the command at import: that must not pull torch into the runtime-only install."""
+    import subprocess
+    import sys
+
+    code = "import sys, meissonic_edge.sensitivity_cli\nassert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
