@@ -69,11 +69,13 @@ from meissonic_edge.export_onnx import (
     cosine_check,
     defaults_section,
     max_abs_check,
+    model_section,
     parse_size,
     psnr,
     quiet_exporter,
     reference_outputs,
     require,
+    source_section,
 )
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.sampler import GenerationOptions
@@ -858,22 +860,8 @@ def export_coreml(
                     c: {"precision": p, **compression_settings(p, plan.target)} for c, p in plan.precisions.items()
                 },
             },
-            "source": {
-                "model_dir": model_dir.name,
-                "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None,
-            },
-            "model": {
-                "mask_token_id": scheduler.mask_token_id,
-                "masking_schedule": scheduler.masking_schedule,
-                "codebook_size": config.codebook_size,
-                "vocab_size": config.vocab_size,
-                "vq_stride": VQ_STRIDE,
-                "token_stride": config.token_stride,
-                "feature_compression": config.downsample,
-                "text_max_length": MAX_LENGTH,
-                "text_hidden_size": config.joint_attention_dim,
-                "pooled_projection_dim": config.pooled_projection_dim,
-            },
+            "source": source_section(model_dir, text_encoder_dir),
+            "model": model_section(scheduler, config),
             "defaults": defaults_section(),
             "tokenizer": {"dir": "tokenizer", "parity": tokenizer_parity},
             "graphs": graphs,

@@ -589,22 +589,8 @@ def export_onnx(
             "created_by": f"meissonic-edge {__version__}",
             "backend": "onnx",
             "recipe": recipe.as_dict(),
-            "source": {
-                "model_dir": model_dir.name,
-                "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None,
-            },
-            "model": {
-                "mask_token_id": scheduler.mask_token_id,
-                "masking_schedule": scheduler.masking_schedule,
-                "codebook_size": config.codebook_size,
-                "vocab_size": config.vocab_size,
-                "vq_stride": VQ_STRIDE,
-                "token_stride": config.token_stride,
-                "feature_compression": config.downsample,
-                "text_max_length": MAX_LENGTH,
-                "text_hidden_size": config.joint_attention_dim,
-                "pooled_projection_dim": config.pooled_projection_dim,
-            },
+            "source": source_section(model_dir, text_encoder_dir),
+            "model": model_section(scheduler, config),
             "defaults": defaults_section(),
             "tokenizer": {"dir": "tokenizer", "parity": tokenizer_parity},
             "graphs": graphs,
@@ -612,6 +598,26 @@ def export_onnx(
         }
         write_manifest(tmp, manifest)
     return Path(out_dir)
+
+
+def source_section(model_dir: Path, text_encoder_dir: Path | None) -> dict:
+    return {"model_dir": model_dir.name, "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None}
+
+
+def model_section(scheduler, config: TransformerConfig) -> dict:
+    """What a runtime needs to drive the graphs, for the manifest."""
+    return {
+        "mask_token_id": scheduler.mask_token_id,
+        "masking_schedule": scheduler.masking_schedule,
+        "codebook_size": config.codebook_size,
+        "vocab_size": config.vocab_size,
+        "vq_stride": VQ_STRIDE,
+        "token_stride": config.token_stride,
+        "feature_compression": config.downsample,
+        "text_max_length": MAX_LENGTH,
+        "text_hidden_size": config.joint_attention_dim,
+        "pooled_projection_dim": config.pooled_projection_dim,
+    }
 
 
 def defaults_section() -> dict:

@@ -254,6 +254,16 @@ def select_nodes(model, patterns: tuple[str, ...], component: str, op_types=WEIG
     return sorted(set(chosen))
 
 
+def replace_nodes(model, nodes: list) -> None:
+    """Give the graph `nodes` as its node list and drop the initializers nothing reads any more."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
 def gemm_to_matmul(model) -> int:
     """Rewrite Gemm(A, B, C) with a constant B as MatMul(A, B') + Add(C), so MatMul quantizers see it."""
     from onnx import numpy_helper
@@ -280,12 +290,7 @@ def gemm_to_matmul(model) -> int:
                 make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name.replace("Gemm", "Add"))
             )
         rewritten += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    replace_nodes(model, nodes)
     return rewritten
 
 
@@ -365,12 +370,7 @@ def quantize_gathers_int8(model, excluded: set[str]) -> int:
             make_node("Mul", [out + "_cast", out + "_scale"], [out], name=f"{prefix}/Dequantize"),
         ]
         rewritten += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    replace_nodes(model, nodes)
     return rewritten
 
 
