@@ -1,0 +1,176 @@
+"""The adherence evaluator on ground truth drawn by `shapes.draw`: exact, perturbed as a generator would, and
+against prompts that ask for something else."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meissonic_edge.adherence import Detection, adherence_score, detect, judge
+from meissonic_edge.errors import OptionsError
+from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, draw, evaluation_scenes, random_scene
+
+N_SCENES = 200  # ground truth drawn exactly
+N_PERTURBED = 100  # of those, how many are also perturbed, or prompted with a wrong attribute
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng, include_held_out=True) for _ in range(N_SCENES)]
+    return scenes, [draw(scene) for scene in scenes]
+
+
+def _failures(images, scenes):
+    return [
+        (scene.caption, j.mismatches, j.detection)
+        for scene, image in zip(scenes, images, strict=True)
+        if not (j := judge(image, scene)).satisfied
+    ]
+
+
+def test_ground_truth_is_satisfied(ground_truth):
+    scenes, images = ground_truth
+    failures = _failures(images, scenes)
+    assert len(failures) <= 0.01 * N_SCENES, failures  # >= 99% (measured: all 200)
+    assert any(scene.held_out for scene in scenes)
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_evaluation_prompts_drawn_exactly_score_one(held_out):
+    scenes = evaluation_scenes(held_out)
+    assert len(scenes) == 45
+    assert adherence_score([draw(scene) for scene in scenes], [scene.caption for scene in scenes]) == 1.0
+
+
+@pytest.mark.parametrize("attribute,choices", [("shape", SHAPES), ("colour", COLOURS), ("position", POSITIONS)])
+def test_prompt_with_another_attribute_is_not_satisfied(ground_truth, attribute, choices):
+    rng = np.random.default_rng(1)
+    scenes, images = ground_truth
+    wrong_named = 0
+    for scene, image in zip(scenes[:N_PERTURBED], images[:N_PERTURBED], strict=True):
+        others = [choice for choice in choices if choice != getattr(scene, attribute)]
+        asked = dataclasses.replace(scene, **{attribute: others[rng.integers(len(others))]})
+        judgement = judge(image, asked)
+        wrong_named += judgement.mismatches != (attribute,)
+        assert not judgement.satisfied, asked.caption  # measured: none satisfied
+    assert wrong_named <= 0.01 * N_PERTURBED  # measured: 0
+
+
+def _noise(image, rng):  # sensor-like noise, sigma 10 levels
+    return np.clip(image + rng.normal(0.0, 10.0, image.shape), 0, 255).astype(np.uint8)
+
+
+def _blur(image, rng):  # the smoothing of a decoder: down to 1/8 and back, bilinear (16-pixel support)
+    height, width, _ = image.shape
+    small = Image.fromarray(image).resize((width // 8, height // 8), Image.Resampling.BILINEAR)
+    return np.asarray(small.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _specks(image, rng, count=6):  # small squares (2-4 pixels) of another palette colour, anywhere
+    image = image.copy()
+    height, width, _ = image.shape
+    colours = list(COLOURS.values())
+    for _ in range(count):
+        side = int(rng.integers(2, 5))
+        y, x = int(rng.integers(height - side)), int(rng.integers(width - side))
+        image[y : y + side, x : x + side] = colours[rng.integers(len(colours))]
+    return image
+
+
+def _all_three(image, rng):
+    return _specks(_noise(_blur(image, rng), rng), rng)
+
+
+def _squashed(image, rng):  # a rectangular image: 320 wide, 192 high
+    return np.asarray(Image.fromarray(image).resize((320, 192), Image.Resampling.BILINEAR))
+
+
+def _small(image, rng):  # the smallest size examined
+    return np.asarray(Image.fromarray(image).resize((64, 64), Image.Resampling.BOX))
+
+
+@pytest.mark.parametrize("perturb", [_noise, _blur, _specks, _all_three, _squashed, _small])
+def test_ground_truth_survives_generator_artifacts(ground_truth, perturb):
+    rng = np.random.default_rng(2)
+    scenes, images = ground_truth
+    perturbed = [perturb(image, rng) for image in images[:N_PERTURBED]]
+    failures = _failures(perturbed, scenes[:N_PERTURBED])
+    assert len(failures) <= 0.05 * N_PERTURBED, failures  # >= 95% (measured: all 100 under each)
+
+
+def test_second_small_blob_is_ignored(ground_truth):
+    scenes, images = ground_truth
+    image = images[0].copy()
+    scene = scenes[0]
+    corner = (0, 0) if scene.position == "bottom right" else (200, 200)
+    other = next(rgb for name, rgb in COLOURS.items() if name != scene.colour)
+    image[corner[0] : corner[0] + 20, corner[1] : corner[1] + 20] = other
+    assert judge(image, scene).satisfied
+
+
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+def test_plain_background_shows_nothing(background):
+    image = np.full((256, 256, 3), BACKGROUNDS[background], dtype=np.uint8)
+    noisy = _specks(_noise(image, np.random.default_rng(3)), np.random.default_rng(4), count=3)
+    for picture in (image, noisy):
+        detection = detect(picture)
+        assert (detection.shape, detection.colour, detection.position, detection.found) == (None, None, None, False)
+        assert detection.background == background
+        judgement = judge(picture, f"a red circle in the center on a {background} background")
+        assert not judgement.satisfied
+        assert judgement.mismatches == ("shape", "colour", "position")
+    assert adherence_score([image], ["a red circle in the center"]) == 0.0
+
+
+def test_detection_reports_its_measurements():
+    scene = evaluation_scenes()[0]  # a blue circle at the top left on a white background
+    detection = detect(Image.fromarray(draw(scene)).convert("RGBA"))  # PIL images of any mode are converted
+    assert isinstance(detection, Detection)
+    assert (detection.shape, detection.colour, detection.position, detection.background) == (
+        "circle",
+        "blue",
+        "top left",
+        "white",
+    )
+    assert detection.centroid == pytest.approx(POSITIONS["top left"], abs=0.01)
+    assert detection.fill_ratio == pytest.approx(np.pi / 4, abs=0.03)
+    assert detection.area_share == pytest.approx(np.pi * scene.radius**2, rel=0.05)
+    assert detection.rgb == COLOURS["blue"]
+
+
+def test_score_is_the_share_of_satisfied_prompts():
+    scenes = evaluation_scenes()[:4]
+    images = [draw(scene) for scene in scenes]
+    prompts = [scene.caption for scene in scenes]
+    prompts[1] = prompts[1].replace("circle", "square")
+    assert adherence_score(images, prompts) == 0.75
+    assert adherence_score(images, scenes) == 1.0
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((256, 256), dtype=np.uint8),
+        np.zeros((256, 256, 4), dtype=np.uint8),
+        np.zeros((256, 256, 3), dtype=np.float32),
+        np.zeros((32, 32, 3), dtype=np.uint8),
+        [[0, 0, 0]],
+    ],
+)
+def test_bad_image_is_refused(image):
+    with pytest.raises(OptionsError, match="image must"):
+        detect(image)
+
+
+def test_bad_prompt_and_lengths_are_refused():
+    image = draw(evaluation_scenes()[0])
+    with pytest.raises(OptionsError, match="not of the form"):
+        judge(image, "a picture of a cat")
+    with pytest.raises(OptionsError, match="unknown colour"):
+        judge(image, "a pink circle in the center")
+    with pytest.raises(OptionsError, match="one image per prompt"):
+        adherence_score([image, image], ["a red circle in the center"])
+    with pytest.raises(OptionsError, match="one image per prompt"):
+        adherence_score([], [])
