@@ -41,6 +41,7 @@ from meissonic_edge.checkpoint import (
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.fileio import atomic_directory
+from meissonic_edge.guided import GUIDED_GRAPH, guided_reference, write_guided
 from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.sampler import GenerationOptions
 from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 OPSET = 21  # int4 weights (GatherBlockQuantized) need opset 21 types
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside them
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHECK_GUIDANCE = 9.0  # the guided transformer graph is checked at upstream's default scale
 CHECK_PROMPTS = ["a red circle at the top left on a white background", "A Photo of a Cat, café-style!", ""]
 
 # Parity thresholds: the graph in onnxruntime against the PyTorch reference, same inputs.
@@ -335,11 +337,13 @@ def compare(component: str, session, inputs: dict, refs: list[np.ndarray], preci
 
 
 def export_component(
-    component: str, load, inputs: dict, out_dir: Path, settings: ComponentPrecision, make_spec
+    component: str, load, inputs: dict, out_dir: Path, settings: ComponentPrecision, make_spec, variants=None
 ) -> dict:
     """The recipe shared by every graph: reference first (fp32), export, quantize if asked, check against PyTorch.
 
     `load()` gives the fp32 module; it is released before quantization, which needs only the exported graph.
+    `variants(path, refs)` may add graphs derived from the finished one; it returns their manifest entries,
+    which go under the entry's "variants".
     """
     graph = load()
     refs = reference_outputs(component, graph, inputs)
@@ -361,6 +365,9 @@ def export_component(
     entry = {"files": files, **io_spec(session), "parity": parity, "settings": settings.settings()}
     if quantization is not None:
         entry["quantization"] = quantization
+    del session
+    if variants is not None:
+        entry["variants"] = variants(path, refs)
     return entry
 
 
@@ -417,7 +424,20 @@ def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPre
         dynamic["tokens"] = {0: batch, 1: unit * grid_h, 2: unit * grid_w}
         return tuple(sample.values()), dynamic, ["logits"]
 
-    return export_component("transformer", load, inputs, out_dir, settings, spec)
+    def guided(path: Path, refs: list[np.ndarray]) -> dict:
+        codebook_size = refs[0].shape[-1]
+        files = write_guided(path, codebook_size)
+        session = open_session(path.with_name(files[0]))
+        feed = {k: v.numpy() for k, v in inputs.items()}
+        got = session.run(["logits"], {**feed, "guidance_scale": np.array([CHECK_GUIDANCE], np.float32)})[0]
+        ref = guided_reference(refs[0], CHECK_GUIDANCE)
+        precision = settings.precision
+        checks = [max_abs_check("logits", got, ref, precision), cosine_check("logits", got, ref, precision)]
+        parity = require(GUIDED_GRAPH, checks)
+        parity["guidance_scale"] = CHECK_GUIDANCE
+        return {GUIDED_GRAPH: {"files": files, **io_spec(session), "parity": parity}}
+
+    return export_component("transformer", load, inputs, out_dir, settings, spec, variants=guided)
 
 
 def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
@@ -578,11 +598,13 @@ def export_onnx(
             bar.set_description(f"exporting {component} ({settings.precision})")
             logger.info("exporting %s (%s)", component, settings.precision)
             graphs[component] = EXPORTERS[component](load, inputs, tmp, settings)
+            for variant, entry in graphs[component].pop("variants", {}).items():
+                graphs[variant] = {**entry, "variant_of": component}
             bar.update()
         bar.close()
 
         for component, graph in graphs.items():
-            graph["precision"] = recipe[component].precision
+            graph["precision"] = recipe[graph.get("variant_of", component)].precision
             graph["file"], *external = graph.pop("files")
             graph["external_data"] = external
         manifest = {

@@ -30,6 +30,7 @@ from meissonic_edge.tokenizer import ClipTokenizer
 logger = logging.getLogger(__name__)
 
 PIPELINE_GRAPHS = ("text_encoder", "transformer", "vq_decoder")
+GUIDED_GRAPH = "transformer_guided"  # optional: guidance inside the graph (see guided.py)
 
 
 class OnnxDenoiser:
@@ -46,6 +47,16 @@ class OnnxDenoiser:
     def logits(self, tokens: np.ndarray, timestep: int) -> np.ndarray:
         timesteps = np.full((tokens.shape[0],), timestep, dtype=np.float32)
         return self.session.run(["logits"], {**self.feed, "tokens": tokens, "timestep": timesteps})[0]
+
+
+class GuidedOnnxDenoiser(OnnxDenoiser):
+    """The guided transformer graph: takes [uncond; cond], returns guided logits (B, h*w, K), one copy."""
+
+    applies_guidance = True
+
+    def __init__(self, session, encoder_hidden_states, text_embeds, micro_conds, guidance_scale: float):
+        super().__init__(session, encoder_hidden_states, text_embeds, micro_conds)
+        self.feed["guidance_scale"] = np.array([guidance_scale], dtype=np.float32)
 
 
 def check_session_io(session: ort.InferenceSession, graph: dict, name: str) -> None:
@@ -117,7 +128,7 @@ class OnnxPipeline:
         self.low_memory = low_memory
         self.sessions: dict[str, ort.InferenceSession] = {}
         if not low_memory:
-            for name in PIPELINE_GRAPHS:
+            for name in ("text_encoder", self.transformer_graph(guided=True), "vq_decoder"):
                 self.session(name)
 
     # ---- sessions
@@ -127,9 +138,17 @@ class OnnxPipeline:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
-        if self.low_memory:  # no arena kept between runs: memory goes back when a run ends
+        if self.low_memory:
+            # No arena kept between runs (memory goes back when a run ends) and no memory pattern (a block
+            # sized for every intermediate of the last run, allocated up front): tensors live only as long
+            # as they are needed.
             options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         return options
+
+    def transformer_graph(self, guided: bool) -> str:
+        """The guided graph when there is guidance and the bundle has it, else the plain transformer."""
+        return GUIDED_GRAPH if guided and GUIDED_GRAPH in self.manifest["graphs"] else "transformer"
 
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self.sessions:
@@ -186,7 +205,11 @@ class OnnxPipeline:
         texts = [options.negative_prompt] * batch + prompts if options.guided else prompts
         text_embeds, hidden = self.encode_text(texts)
         micro = np.tile(options.micro_conds(), (len(texts), 1))
-        denoiser = OnnxDenoiser(self.session("transformer"), hidden, text_embeds, micro)
+        graph = self.transformer_graph(options.guided)
+        if graph == GUIDED_GRAPH:
+            denoiser = GuidedOnnxDenoiser(self.session(graph), hidden, text_embeds, micro, options.guidance_scale)
+        else:
+            denoiser = OnnxDenoiser(self.session(graph), hidden, text_embeds, micro)
         grid = (options.height // VQ_STRIDE, options.width // VQ_STRIDE)
         tokens = sample(
             denoiser,
@@ -199,7 +222,7 @@ class OnnxPipeline:
             callback=callback,
         )
         del denoiser
-        self.release("transformer")
+        self.release(graph)
         return Generation(images=to_pil(self.decode(tokens)), tokens=tokens)
 
     def __call__(self, prompt: str, **options) -> Image.Image:

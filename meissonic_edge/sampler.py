@@ -89,7 +89,11 @@ class Generation:
 
 
 class Denoiser(Protocol):
-    """One transformer step, whatever runs it. It holds the text conditioning for the model batch."""
+    """One transformer step, whatever runs it. It holds the text conditioning for the model batch.
+
+    A denoiser whose `applies_guidance` is true combines [uncond; cond] itself (the guided graph) and
+    returns (B/2, h*w, codebook_size); the sampler then skips `apply_guidance`.
+    """
 
     def logits(self, tokens: np.ndarray, timestep: int) -> np.ndarray:
         """tokens (B, h, w) int64 -> logits (B, h*w, codebook_size) float32."""
@@ -185,14 +189,16 @@ def sample(
     rng = np.random.default_rng(options.seed)
     tokens = np.full((batch, height * width), mask_token_id, dtype=np.int64)
     temperatures = options.temperatures()
+    guided_inside = getattr(denoiser, "applies_guidance", False)
     for step in tqdm(range(options.steps), desc="sampling", disable=not progress, leave=False):
         model_tokens = np.concatenate([tokens, tokens]) if options.guided else tokens
         logits = denoiser.logits(model_tokens.reshape(-1, height, width), options.steps - 1 - step)
-        if options.guided:
+        if options.guided and not guided_inside:
             logits = apply_guidance(logits, options.guidance_scale)
         tokens = masked_step(
             logits, tokens, step, options.steps, float(temperatures[step]), mask_token_id, rng, schedule
         )
+        del logits  # the next step's logits must not meet these in memory
         if callback is not None:
             callback(step, tokens.reshape(batch, height, width))
     return tokens.reshape(batch, height, width)
