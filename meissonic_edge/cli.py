@@ -285,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     from meissonic_edge.bench_cli import add_bench_parser
+    from meissonic_edge.demo_cli import add_demo_parsers
     from meissonic_edge.sensitivity_cli import add_sensitivity_parser
 
+    add_demo_parsers(commands)
     add_bench_parser(commands)
     add_sensitivity_parser(commands)
     return parser

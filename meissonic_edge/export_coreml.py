@@ -862,7 +862,7 @@ def export_coreml(
             },
             "source": source_section(model_dir, text_encoder_dir),
             "model": model_section(scheduler, config),
-            "defaults": defaults_section(),
+            "defaults": defaults_section(Path(model_dir)),
             "tokenizer": {"dir": "tokenizer", "parity": tokenizer_parity},
             "graphs": graphs,
             "check_size": list(check_size),

@@ -333,6 +333,15 @@ def compare(component: str, session, inputs: dict, refs: list[np.ndarray], preci
     return require(component, checks)
 
 
+def compare_guided(session, inputs: dict, refs: list[np.ndarray], precision: str) -> dict:
+    """The guided transformer graph against guidance applied to the reference's [uncond; cond] logits."""
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    got = session.run(["logits"], {**feed, "guidance_scale": np.array([CHECK_GUIDANCE], np.float32)})[0]
+    ref = guided_reference(refs[0], CHECK_GUIDANCE)
+    checks = [max_abs_check("logits", got, ref, precision), cosine_check("logits", got, ref, precision)]
+    return {**require(GUIDED_GRAPH, checks), "guidance_scale": CHECK_GUIDANCE}
+
+
 # ----------------------------------------------------------------------------------------------- components
 
 
@@ -425,16 +434,9 @@ def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPre
         return tuple(sample.values()), dynamic, ["logits"]
 
     def guided(path: Path, refs: list[np.ndarray]) -> dict:
-        codebook_size = refs[0].shape[-1]
-        files = write_guided(path, codebook_size)
+        files = write_guided(path, codebook_size=refs[0].shape[-1])
         session = open_session(path.with_name(files[0]))
-        feed = {k: v.numpy() for k, v in inputs.items()}
-        got = session.run(["logits"], {**feed, "guidance_scale": np.array([CHECK_GUIDANCE], np.float32)})[0]
-        ref = guided_reference(refs[0], CHECK_GUIDANCE)
-        precision = settings.precision
-        checks = [max_abs_check("logits", got, ref, precision), cosine_check("logits", got, ref, precision)]
-        parity = require(GUIDED_GRAPH, checks)
-        parity["guidance_scale"] = CHECK_GUIDANCE
+        parity = compare_guided(session, inputs, refs, settings.precision)
         return {GUIDED_GRAPH: {"files": files, **io_spec(session), "parity": parity}}
 
     return export_component("transformer", load, inputs, out_dir, settings, spec, variants=guided)
@@ -613,7 +615,7 @@ def export_onnx(
             "recipe": recipe.as_dict(),
             "source": source_section(model_dir, text_encoder_dir),
             "model": model_section(scheduler, config),
-            "defaults": defaults_section(),
+            "defaults": defaults_section(model_dir),
             "tokenizer": {"dir": "tokenizer", "parity": tokenizer_parity},
             "graphs": graphs,
             "check_size": list(check_size),
@@ -642,8 +644,33 @@ def model_section(scheduler, config: TransformerConfig) -> dict:
     }
 
 
-def defaults_section() -> dict:
-    d = GenerationOptions()
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"  # optional, in a model directory (ours, not upstream's)
+
+
+def model_defaults(model_dir: Path | None) -> GenerationOptions:
+    """Upstream's generation defaults, or those the model directory states in `generation_defaults.json`.
+
+    The file holds GenerationOptions fields (steps, guidance_scale, height, width, temperature, ...): a model
+    trained at 256x256 says so there, and its bundles then generate at 256x256 unless told otherwise.
+    """
+    from meissonic_edge.config import read_json
+
+    if model_dir is None or not (model_dir / GENERATION_DEFAULTS_FILE).is_file():
+        return GenerationOptions()
+    path = model_dir / GENERATION_DEFAULTS_FILE
+    values = read_json(path)
+    if "temperature" in values:
+        values["temperature"] = tuple(values["temperature"])
+    try:
+        options = GenerationOptions(**values)
+    except TypeError as e:
+        raise OptionsError(f"{path}: {e}") from None
+    options.validate()
+    return options
+
+
+def defaults_section(model_dir: Path | None = None) -> dict:
+    d = model_defaults(model_dir)
     return {
         "steps": d.steps,
         "guidance_scale": d.guidance_scale,
@@ -679,4 +706,8 @@ def verify_parity(
             gc.collect()
             session = open_session(bundle_dir / entry["file"])
             results[component] = compare(component, session, inputs, refs, entry["precision"])
+            guided = manifest["graphs"].get(GUIDED_GRAPH) if component == "transformer" else None
+            if guided is not None:
+                session = open_session(bundle_dir / guided["file"])
+                results[GUIDED_GRAPH] = compare_guided(session, inputs, refs, guided["precision"])
     return results

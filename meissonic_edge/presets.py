@@ -155,6 +155,19 @@ def write_text_encoder(folder: Path, arguments: dict, special_ids: dict, generat
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
 
 
+def write_model_index(model_dir: Path) -> None:
+    """`model_index.json`: which class each folder holds (informational, as upstream writes it)."""
+    model_index = {
+        "_class_name": "Pipeline",
+        "scheduler": ["meissonic", "Scheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "transformer": ["meissonic", "Transformer2DModel"],
+        "vqvae": ["diffusers", "VQModel"],
+    }
+    (model_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
 def make_random(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -197,13 +210,5 @@ def make_random(
         (tmp / "scheduler").mkdir()
         scheduler = SchedulerConfig(mask_token_id=spec.mask_token_id)
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler.to_dict(), indent=2) + "\n")
-        model_index = {
-            "_class_name": "Pipeline",
-            "scheduler": ["meissonic", "Scheduler"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "transformer": ["meissonic", "Transformer2DModel"],
-            "vqvae": ["diffusers", "VQModel"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        write_model_index(tmp)
     return Path(out_dir)

@@ -44,7 +44,9 @@ def test_same_tokens_every_step_as_the_reference(tiny_bundle, tiny_model_dir, lo
     pixels = np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16))
     assert pixels.max() <= 1  # float noise only: the same tokens decode to the same image
     assert (
-        runtime.sessions == {} if low_memory else set(runtime.sessions) == {"text_encoder", "transformer", "vq_decoder"}
+        runtime.sessions == {}
+        if low_memory
+        else set(runtime.sessions) == {"text_encoder", "transformer_guided", "vq_decoder"}
     )
 
 

@@ -1,0 +1,359 @@
+"""`train-demo`: train the small shapes model that ships with the package, from scratch, on a CPU.
+
+Three stages, each in the exact Meissonic layout so that every exporter and runtime path runs on it:
+
+1. the VQ tokenizer: a diffusers `VQModel` with f=16, trained to reconstruct procedural shape images
+   (L1 + MSE on pixels, the VQ commitment loss; codes unused for a while are restarted on encoder
+   outputs, the usual cure for codebook collapse);
+2. the training set: many random scenes (`shapes.py`), drawn and encoded to token grids once;
+3. the Meissonic transformer (feature compression on) and a small CLIP text encoder, trained together
+   with masked token modelling: each sample masks a random share cos(pi/2 u), u ~ U(0, 1), of its
+   tokens (the paper's cosine schedule), and the cross-entropy on the masked positions is minimised. The
+   timestep the model sees is the one our sampler passes at that masking ratio for a random step count,
+   and one caption in ten is dropped to "" so that classifier-free guidance works.
+
+Held-out colour/shape pairs (`shapes.HELD_OUT_PAIRS`) appear in no training image, so the adherence score
+on them measures composition. Deterministic: a recipe and a seed give the same weights on the same
+machine, torch version and thread count (recorded in `training_log.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meissonic_edge.checkpoint import quiet_libraries
+from meissonic_edge.clip_vocab import write_clip_tokenizer
+from meissonic_edge.config import VQ_STRIDE, SchedulerConfig, TransformerConfig
+from meissonic_edge.export_onnx import GENERATION_DEFAULTS_FILE
+from meissonic_edge.fileio import atomic_directory
+from meissonic_edge.model import MeissonicTransformer
+from meissonic_edge.presets import write_model_index
+from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, draw, random_scene
+
+logger = logging.getLogger(__name__)
+
+CODEBOOK_SIZE = 512
+DEMO_TRANSFORMER = TransformerConfig(
+    num_layers=2,
+    num_single_layers=4,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    joint_attention_dim=128,
+    pooled_projection_dim=128,
+    axes_dims_rope=(8, 12, 12),
+    vocab_size=CODEBOOK_SIZE + 1,  # the codebook and the mask token
+    codebook_size=CODEBOOK_SIZE,
+    downsample=True,
+    upsample=True,
+)
+DEMO_TEXT_ENCODER = dict(  # transformers CLIPTextConfig arguments
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=128,
+    max_position_embeddings=77,
+)
+DEMO_VQ = dict(  # diffusers VQModel arguments; 5 levels make f=16
+    block_out_channels=[8, 16, 32, 64, 128],
+    latent_channels=16,
+    num_vq_embeddings=CODEBOOK_SIZE,
+    layers_per_block=1,
+    norm_num_groups=4,
+)
+TOKENIZER_VOCAB = 640  # asked of the BPE trainer; the captions' few words need fewer
+MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # what the sampler passes at 256x256 (width, height, crop, score)
+GENERATION_DEFAULTS = dict(steps=16, guidance_scale=4.0, height=256, width=256)  # the bundles' defaults
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    seed: int = 0
+    image_size: int = 256
+    # VQ tokenizer
+    vq_steps: int = 3000
+    vq_full_size_steps: int = 300  # the last steps see whole images; the others random crops (4x cheaper)
+    vq_crop: int = 128
+    vq_batch: int = 8
+    vq_lr: float = 1e-3
+    vq_restart_every: int = 100  # steps between restarts of unused codes
+    # training set
+    dataset_size: int = 8000
+    # transformer + text encoder
+    steps: int = 2400
+    batch: int = 64
+    lr: float = 8e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1
+    timestep_steps: tuple[int, int] = (8, 64)  # step counts whose timesteps the model is trained on
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> TrainingRecipe:
+        """A few steps of everything: for tests of the machinery, not a usable model."""
+        return cls(seed=seed, vq_steps=4, vq_full_size_steps=2, vq_restart_every=2, dataset_size=16, steps=4, batch=4)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def images_tensor(scenes: list[Scene], size: int) -> torch.Tensor:
+    """Scenes -> (B, 3, size, size) float32 in [0, 1]."""
+    pixels = np.stack([draw(scene, size) for scene in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+
+def build_vqvae():
+    from diffusers import VQModel
+
+    levels = len(DEMO_VQ["block_out_channels"])
+    return VQModel(
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        lookup_from_codebook=True,
+        mid_block_add_attention=False,
+        force_upcast=True,
+        **DEMO_VQ,
+    )
+
+
+def vq_reconstruct(vq, images: torch.Tensor):
+    """Encode, quantize (straight-through), decode; return (reconstruction, commitment loss, code ids)."""
+    latents = vq.encode(images).latents
+    quantized, commit_loss, (_, _, codes) = vq.quantize(latents)
+    return vq.decoder(vq.post_quant_conv(quantized)), commit_loss, codes.flatten(), latents
+
+
+def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
+    vq = build_vqvae()
+    optimizer = torch.optim.AdamW(vq.parameters(), lr=recipe.vq_lr, weight_decay=0.0)
+    usage = torch.zeros(CODEBOOK_SIZE)
+    losses = []
+    for step in range(recipe.vq_steps):
+        full = step >= recipe.vq_steps - recipe.vq_full_size_steps
+        images = images_tensor([random_scene(rng) for _ in range(recipe.vq_batch)], recipe.image_size)
+        if not full:  # a random crop aligned to the token grid: tokens stay where they were
+            cells = (recipe.image_size - recipe.vq_crop) // VQ_STRIDE + 1
+            y, x = (int(v) * VQ_STRIDE for v in rng.integers(cells, size=2))
+            images = images[:, :, y : y + recipe.vq_crop, x : x + recipe.vq_crop]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe.vq_steps, recipe.vq_lr, warmup=50)
+        recon, commit_loss, codes, latents = vq_reconstruct(vq, images)
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + commit_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount(codes, minlength=CODEBOOK_SIZE)
+        if (step + 1) % recipe.vq_restart_every == 0 and step + 1 < recipe.vq_steps - recipe.vq_full_size_steps:
+            restart_unused_codes(vq, usage, latents.detach(), rng)
+            usage.zero_()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == recipe.vq_steps - 1:
+            logger.info("vq step %d/%d loss %.4f", step + 1, recipe.vq_steps, loss.item())
+    log["vq_final_loss"] = float(np.mean(losses[-50:]))
+    return vq.eval()
+
+
+@torch.no_grad()
+def restart_unused_codes(vq, usage: torch.Tensor, latents: torch.Tensor, rng: np.random.Generator) -> None:
+    """Move codebook entries nobody chose since the last restart onto random encoder outputs."""
+    dead = torch.nonzero(usage == 0).flatten()
+    if len(dead) == 0:
+        return
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = torch.from_numpy(rng.integers(len(vectors), size=len(dead)))
+    vq.quantize.embedding.weight[dead] = vectors[picks] + 0.01 * torch.randn(len(dead), vectors.shape[1])
+    logger.info("restarted %d unused codes", len(dead))
+
+
+@torch.no_grad()
+def encode_dataset(vq, scenes: list[Scene], size: int, chunk: int = 64) -> torch.Tensor:
+    """Scenes -> their VQ tokens (N, size/16, size/16) int64."""
+    out = []
+    for start in range(0, len(scenes), chunk):
+        latents = vq.encode(images_tensor(scenes[start : start + chunk], size)).latents
+        _, _, (_, _, codes) = vq.quantize(latents)
+        out.append(codes.reshape(latents.shape[0], latents.shape[2], latents.shape[3]))
+    return torch.cat(out)
+
+
+def all_captions() -> list[str]:
+    return [
+        Scene(shape=s, colour=c, position=p, background=b).caption
+        for s in SHAPES
+        for c in COLOURS
+        for p in POSITIONS
+        for b in BACKGROUNDS
+    ]
+
+
+def build_text_encoder(tokenizer_dir: Path):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    end = vocab["<|endoftext|>"]
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=end,
+        pad_token_id=end,
+        **DEMO_TEXT_ENCODER,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def training_timesteps(u: np.ndarray, rng: np.random.Generator, recipe: TrainingRecipe) -> np.ndarray:
+    """The timestep our sampler passes when a share cos(pi/2 u) is masked, for random step counts N.
+
+    At step i of N the sampler passes N-1-i and the masked share before that step is cos(pi/2 i/N).
+    """
+    lo, hi = recipe.timestep_steps
+    counts = rng.integers(lo, hi + 1, size=len(u))
+    return (counts - 1 - np.floor(u * counts)).astype(np.float32)
+
+
+def train_transformer(recipe, tokens, captions, input_ids, text_encoder, rng, log):
+    transformer = MeissonicTransformer(DEMO_TRANSFORMER)
+    transformer.rope_dtype = torch.float32  # training speed; the rotary angles here are small integers
+    parameters = list(transformer.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
+    mask_id = DEMO_TRANSFORMER.codebook_size
+    empty = len(input_ids) - 1  # the last row of input_ids is the empty prompt
+    count, height, width = tokens.shape
+    seq = height * width
+    micro = torch.tensor(MICRO_CONDS).expand(recipe.batch, 5)
+    losses = []
+    for step in range(recipe.steps):
+        pick = rng.integers(count, size=recipe.batch)
+        target = tokens[pick].reshape(recipe.batch, seq)
+        u = rng.random(recipe.batch)
+        masked_count = np.clip(np.ceil(np.cos(np.pi / 2 * u) * seq), 1, seq).astype(np.int64)
+        ranks = np.argsort(np.argsort(rng.random((recipe.batch, seq)), axis=1), axis=1)
+        mask = torch.from_numpy(ranks < masked_count[:, None])
+        inputs = torch.where(mask, mask_id, target).reshape(recipe.batch, height, width)
+        prompt_rows = np.where(rng.random(recipe.batch) < recipe.caption_dropout, empty, captions[pick])
+        timestep = torch.from_numpy(training_timesteps(u, rng, recipe))
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+        text = text_encoder(input_ids[prompt_rows], output_hidden_states=True)
+        logits = transformer(inputs, text.hidden_states[-2], text.text_embeds, micro, timestep)  # (B, seq, K)
+        loss = F.cross_entropy(logits[mask], target[mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == recipe.steps - 1:
+            logger.info("transformer step %d/%d loss %.4f", step + 1, recipe.steps, float(np.mean(losses[-100:])))
+    log["transformer_final_loss"] = float(np.mean(losses[-100:]))
+    log["transformer_loss_curve"] = [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)]
+    return transformer.eval(), text_encoder.eval()
+
+
+def vq_stage_key(recipe: TrainingRecipe) -> str:
+    """Names a VQ stage result: everything that stage depends on."""
+    fields = ("seed", "image_size", "vq_steps", "vq_full_size_steps", "vq_crop", "vq_batch", "vq_lr")
+    fields += ("vq_restart_every",)
+    return "vqvae-" + "-".join(str(getattr(recipe, name)) for name in fields)
+
+
+def stage_rng(recipe: TrainingRecipe, stage: int) -> np.random.Generator:
+    """Each stage draws from its own seeded streams, so a cached stage 1 leaves stages 2 and 3 unchanged."""
+    torch.manual_seed(recipe.seed * 100 + stage)
+    return np.random.default_rng([recipe.seed, stage])
+
+
+def vq_stage(recipe: TrainingRecipe, log: dict, cache_dir: Path | None):
+    """Stage 1, or its saved result from `cache_dir` when the same recipe trained it before."""
+    cached = cache_dir / vq_stage_key(recipe) if cache_dir is not None else None
+    if cached is not None and (cached / "config.json").is_file():
+        from diffusers import VQModel
+
+        logger.info("stage 1: the VQ tokenizer, from %s", cached)
+        log.update(json.loads((cached / "stage_log.json").read_text()))
+        return VQModel.from_pretrained(cached).eval()
+    logger.info("stage 1: the VQ tokenizer")
+    started = time.perf_counter()
+    vq = train_vqvae(recipe, stage_rng(recipe, 1), log)
+    log["vq_seconds"] = round(time.perf_counter() - started, 1)
+    if cached is not None:
+        vq.save_pretrained(cached, safe_serialization=True)
+        stage_log = {k: log[k] for k in ("vq_final_loss", "vq_seconds")}
+        (cached / "stage_log.json").write_text(json.dumps(stage_log, indent=2) + "\n")
+    return vq
+
+
+def train_demo(
+    out_dir: str | Path,
+    recipe: TrainingRecipe | None = None,
+    dtype=torch.float16,
+    overwrite: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Train the demo model and write it as a model directory in the upstream layout; return its path.
+
+    `cache_dir` keeps the trained VQ tokenizer (stage 1) between runs of the same recipe.
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    recipe = recipe or TrainingRecipe()
+    log = {"recipe": asdict(recipe), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    log["machine"] = platform.processor() or platform.machine()
+    started = time.perf_counter()
+    with atomic_directory(out_dir, overwrite) as tmp, torch.random.fork_rng(), quiet_libraries():
+        torch.use_deterministic_algorithms(True)
+        vq = vq_stage(recipe, log, Path(cache_dir) if cache_dir is not None else None)
+
+        logger.info("stage 2: encoding %d training scenes", recipe.dataset_size)
+        rng = stage_rng(recipe, 2)
+        scenes = [random_scene(rng) for _ in range(recipe.dataset_size)]
+        tokens = encode_dataset(vq, scenes, recipe.image_size)
+        log["codes_used"] = int(torch.unique(tokens).numel())
+
+        write_clip_tokenizer(tmp / "tokenizer", TOKENIZER_VOCAB, corpus=all_captions())
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        caption_list = sorted({scene.caption for scene in scenes})
+        row = {caption: i for i, caption in enumerate(caption_list)}
+        input_ids = tokenizer(caption_list + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        captions = np.array([row[scene.caption] for scene in scenes])
+
+        logger.info("stage 3: transformer and text encoder")
+        rng = stage_rng(recipe, 3)
+        text_encoder = build_text_encoder(tmp / "tokenizer")
+        stage3 = time.perf_counter()
+        transformer, text_encoder = train_transformer(recipe, tokens, captions, input_ids, text_encoder, rng, log)
+        log["transformer_seconds"] = round(time.perf_counter() - stage3, 1)
+        torch.use_deterministic_algorithms(False)
+
+        (tmp / "transformer").mkdir()
+        (tmp / "transformer" / "config.json").write_text(json.dumps(DEMO_TRANSFORMER.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().to(dtype).contiguous() for k, v in transformer.state_dict().items()}
+        save_file(state, tmp / "transformer" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        text_encoder.to(dtype).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        vq.to(dtype).save_pretrained(tmp / "vqvae", safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        scheduler = SchedulerConfig(mask_token_id=DEMO_TRANSFORMER.codebook_size)
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler.to_dict(), indent=2) + "\n")
+        write_model_index(tmp)
+        (tmp / GENERATION_DEFAULTS_FILE).write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
+        log["total_seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    logger.info("trained in %.0f s", log["total_seconds"])
+    return Path(out_dir)
