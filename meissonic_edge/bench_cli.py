@@ -9,17 +9,36 @@ import argparse
 from pathlib import Path
 
 
+def shapes_adherence(image, prompt: str) -> bool:
+    """The demo model's evaluator: does the image show the prompt's shape, colour and position?"""
+    from meissonic_edge.adherence import judge
+
+    return judge(image, prompt).satisfied
+
+
 def cmd_bench(args) -> None:
     from meissonic_edge.bench import bench
 
+    model_dir = args.model_dir
+    if model_dir == "demo" and not Path(model_dir).exists():
+        from meissonic_edge.demo import demo_model_dir
+
+        model_dir = demo_model_dir()
+    prompts, adherence_fn = args.prompts, None
+    if args.adherence == "shapes":
+        from meissonic_edge.shapes import evaluation_scenes
+
+        adherence_fn = shapes_adherence
+        prompts = prompts or [scene.caption for scene in evaluation_scenes()]
     report = bench(
-        args.model_dir,
+        model_dir,
         args.variants,
         args.out_dir,
         sizes=args.sizes,
         steps=args.steps,
         repeats=args.repeats,
-        prompts=args.prompts,
+        prompts=prompts,
+        adherence_fn=adherence_fn,
         seed=args.seed,
         threads=args.threads,
         low_memory=args.low_memory,
@@ -40,7 +59,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="size, speed, memory and fidelity of exported variants against fp32 and PyTorch"
     )
-    p.add_argument("model_dir", help="the model directory to export and measure")
+    p.add_argument("model_dir", help="the model directory to export and measure ('demo': the shipped demo model)")
     p.add_argument("out_dir", help="where the bundles, the runs and the report go (existing bundles are reused)")
     p.add_argument(
         "--variants",
@@ -53,6 +72,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=integer, default=4, help="sampling steps per generation (default: 4)")
     p.add_argument("--repeats", type=integer, default=1, help="generations per prompt, for steadier timings")
     p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts to generate (default: one fixed prompt)")
+    p.add_argument(
+        "--adherence",
+        choices=["shapes"],
+        help="score prompt adherence with the shapes evaluator (demo model; default prompts: its 45 held-out ones)",
+    )
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--threads", type=integer, help="onnxruntime and torch intra-op threads (default: theirs)")
     p.add_argument("--low-memory", action="store_true", help="ONNX variants load one graph at a time")

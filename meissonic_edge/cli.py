@@ -155,7 +155,7 @@ def cmd_generate(args) -> None:
     from dataclasses import replace
 
     from meissonic_edge.imaging import save_image
-    from meissonic_edge.sampler import GenerationOptions
+    from meissonic_edge.sampler import model_defaults
 
     path, output = Path(args.path), Path(args.output)
     check_output_path(output)
@@ -179,7 +179,7 @@ def cmd_generate(args) -> None:
         from meissonic_edge.config import TransformerConfig
 
         config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
-        options = replace(GenerationOptions(), **overrides(args))
+        options = replace(model_defaults(path), **overrides(args))
         options.validate(config.token_stride)  # before any weights are loaded
         from meissonic_edge.pipeline import ReferencePipeline
 

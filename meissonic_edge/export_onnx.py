@@ -43,7 +43,7 @@ from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.guided import GUIDED_GRAPH, guided_reference, write_guided
 from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
-from meissonic_edge.sampler import GenerationOptions
+from meissonic_edge.sampler import GenerationOptions, model_defaults
 from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -642,31 +642,6 @@ def model_section(scheduler, config: TransformerConfig) -> dict:
         "text_hidden_size": config.joint_attention_dim,
         "pooled_projection_dim": config.pooled_projection_dim,
     }
-
-
-GENERATION_DEFAULTS_FILE = "generation_defaults.json"  # optional, in a model directory (ours, not upstream's)
-
-
-def model_defaults(model_dir: Path | None) -> GenerationOptions:
-    """Upstream's generation defaults, or those the model directory states in `generation_defaults.json`.
-
-    The file holds GenerationOptions fields (steps, guidance_scale, height, width, temperature, ...): a model
-    trained at 256x256 says so there, and its bundles then generate at 256x256 unless told otherwise.
-    """
-    from meissonic_edge.config import read_json
-
-    if model_dir is None or not (model_dir / GENERATION_DEFAULTS_FILE).is_file():
-        return GenerationOptions()
-    path = model_dir / GENERATION_DEFAULTS_FILE
-    values = read_json(path)
-    if "temperature" in values:
-        values["temperature"] = tuple(values["temperature"])
-    try:
-        options = GenerationOptions(**values)
-    except TypeError as e:
-        raise OptionsError(f"{path}: {e}") from None
-    options.validate()
-    return options
 
 
 def defaults_section(model_dir: Path | None = None) -> dict:

@@ -16,7 +16,7 @@ from PIL import Image
 from meissonic_edge.checkpoint import ModelComponents, load_model_dir
 from meissonic_edge.config import VQ_STRIDE
 from meissonic_edge.imaging import to_pil
-from meissonic_edge.sampler import Generation, GenerationOptions, sample
+from meissonic_edge.sampler import Generation, GenerationOptions, model_defaults, sample
 
 MAX_TEXT_TOKENS = 77
 
@@ -45,8 +45,9 @@ class TorchDenoiser:
 
 
 class ReferencePipeline:
-    def __init__(self, components: ModelComponents):
+    def __init__(self, components: ModelComponents, defaults: GenerationOptions | None = None):
         self.components = components
+        self.defaults = defaults or GenerationOptions()  # the model directory's, or upstream's
         self.transformer = components.transformer
         self.config = components.transformer.config
 
@@ -54,7 +55,7 @@ class ReferencePipeline:
     def from_model_dir(
         cls, model_dir: str | Path, text_encoder_dir: str | Path | None = None, dtype=torch.float32
     ) -> ReferencePipeline:
-        return cls(load_model_dir(model_dir, text_encoder_dir, dtype))
+        return cls(load_model_dir(model_dir, text_encoder_dir, dtype), model_defaults(model_dir))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,7 +90,7 @@ class ReferencePipeline:
         **overrides,
     ) -> Generation:
         """Generate one image per prompt. `overrides` replace fields of `options` (steps=..., seed=...)."""
-        options = replace(options or GenerationOptions(), **overrides)
+        options = replace(options or self.defaults, **overrides)
         options.validate(self.config.token_stride)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)

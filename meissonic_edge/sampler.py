@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.config import VQ_STRIDE, read_json
 from meissonic_edge.errors import OptionsError
 
 UPSTREAM_NEGATIVE_PROMPT = (
@@ -78,6 +79,29 @@ class GenerationOptions:
 
     def temperatures(self) -> np.ndarray:
         return np.linspace(self.temperature[0], self.temperature[1], self.steps)
+
+
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"  # optional, in a model directory (ours, not upstream's)
+
+
+def model_defaults(model_dir: str | Path | None) -> GenerationOptions:
+    """Upstream's generation defaults, or those the model directory states in `generation_defaults.json`.
+
+    The file holds GenerationOptions fields (steps, guidance_scale, height, width, temperature, ...): a model
+    trained at 256x256 says so there, and its bundles then generate at 256x256 unless told otherwise.
+    """
+    if model_dir is None or not (Path(model_dir) / GENERATION_DEFAULTS_FILE).is_file():
+        return GenerationOptions()
+    path = Path(model_dir) / GENERATION_DEFAULTS_FILE
+    values = read_json(path)
+    if "temperature" in values:
+        values["temperature"] = tuple(values["temperature"])
+    try:
+        options = GenerationOptions(**values)
+    except TypeError as e:
+        raise OptionsError(f"{path}: {e}") from None
+    options.validate()
+    return options
 
 
 @dataclass

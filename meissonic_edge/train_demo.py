@@ -2,10 +2,11 @@
 
 Three stages, each in the exact Meissonic layout so that every exporter and runtime path runs on it:
 
-1. the VQ tokenizer: a diffusers `VQModel` with f=16, trained to reconstruct procedural shape images
-   (L1 + MSE on pixels, the VQ commitment loss; codes unused for a while are restarted on encoder
-   outputs, the usual cure for codebook collapse);
-2. the training set: many random scenes (`shapes.py`), drawn and encoded to token grids once;
+1. the VQ tokenizer: a diffusers `VQModel` with f=16. First a plain autoencoder (no quantization), then
+   a codebook from k-means of its latents and quantized training with the VQ-VAE loss, restarting codes
+   nobody uses (the usual cure for codebook collapse). The reconstruction loss weighs the shape's pixels
+   ten times the background's: otherwise "paint the background" is where a small decoder settles.
+2. the training set: many random scenes (`shapes.py`), drawn and encoded to token grids once.
 3. the Meissonic transformer (feature compression on) and a small CLIP text encoder, trained together
    with masked token modelling: each sample masks a random share cos(pi/2 u), u ~ U(0, 1), of its
    tokens (the paper's cosine schedule), and the cross-entropy on the masked positions is minimised. The
@@ -14,7 +15,8 @@ Three stages, each in the exact Meissonic layout so that every exporter and runt
 
 Held-out colour/shape pairs (`shapes.HELD_OUT_PAIRS`) appear in no training image, so the adherence score
 on them measures composition. Deterministic: a recipe and a seed give the same weights on the same
-machine, torch version and thread count (recorded in `training_log.json`).
+machine, torch version and thread count (recorded in `training_log.json`); each stage draws from its own
+seeded streams, so the VQ stage can be cached (`cache_dir`) without changing what follows.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ import torch.nn.functional as F
 
 from meissonic_edge.checkpoint import quiet_libraries
 from meissonic_edge.clip_vocab import write_clip_tokenizer
-from meissonic_edge.config import VQ_STRIDE, SchedulerConfig, TransformerConfig
-from meissonic_edge.export_onnx import GENERATION_DEFAULTS_FILE
+from meissonic_edge.config import SchedulerConfig, TransformerConfig
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.model import MeissonicTransformer
 from meissonic_edge.presets import write_model_index
+from meissonic_edge.sampler import GENERATION_DEFAULTS_FILE
 from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, draw, random_scene
 
 logger = logging.getLogger(__name__)
@@ -81,11 +83,10 @@ class TrainingRecipe:
     seed: int = 0
     image_size: int = 256
     # VQ tokenizer
-    vq_steps: int = 3000
-    vq_full_size_steps: int = 300  # the last steps see whole images; the others random crops (4x cheaper)
-    vq_crop: int = 128
-    vq_batch: int = 8
-    vq_lr: float = 1e-3
+    vq_ae_steps: int = 2000  # first a plain autoencoder
+    vq_steps: int = 500  # then quantized
+    vq_batch: int = 4
+    vq_lr: float = 2e-3
     vq_restart_every: int = 100  # steps between restarts of unused codes
     # training set
     dataset_size: int = 8000
@@ -101,7 +102,7 @@ class TrainingRecipe:
     @classmethod
     def quick(cls, seed: int = 0) -> TrainingRecipe:
         """A few steps of everything: for tests of the machinery, not a usable model."""
-        return cls(seed=seed, vq_steps=4, vq_full_size_steps=2, vq_restart_every=2, dataset_size=16, steps=4, batch=4)
+        return cls(seed=seed, vq_ae_steps=2, vq_steps=6, vq_restart_every=2, dataset_size=16, steps=4, batch=4)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -132,41 +133,117 @@ def build_vqvae():
     )
 
 
+FOREGROUND_WEIGHT = 10.0  # reconstruction weight of the shape's pixels against the background's
+COMMITMENT = 0.25  # weight of the encoder's pull towards its code (the codebook's pull towards the encoder is 1)
+
+
 def vq_reconstruct(vq, images: torch.Tensor):
-    """Encode, quantize (straight-through), decode; return (reconstruction, commitment loss, code ids)."""
-    latents = vq.encode(images).latents
-    quantized, commit_loss, (_, _, codes) = vq.quantize(latents)
-    return vq.decoder(vq.post_quant_conv(quantized)), commit_loss, codes.flatten(), latents
+    """Encode, quantize (straight-through), decode; return (reconstruction, VQ loss, code ids, latents).
+
+    The nearest-entry lookup is diffusers' (what the exported graphs do), but the loss is the VQ-VAE
+    paper's: the codebook moves to the encoder's outputs at full weight and the encoder is held to its code
+    at COMMITMENT. diffusers' VectorQuantizer (legacy=True, as VQModel builds it) weighs them the other way
+    round, which here pulled the encoder's outputs onto a few codes: every shape came back in one average
+    colour.
+    """
+    latents = vq.encode(images).latents  # (B, D, h, w)
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, D)
+    codebook = vq.quantize.embedding.weight  # (K, D)
+    codes = torch.cdist(flat, codebook).argmin(dim=1)
+    quantized = codebook[codes]
+    vq_loss = F.mse_loss(quantized, flat.detach()) + COMMITMENT * F.mse_loss(flat, quantized.detach())
+    straight_through = flat + (quantized - flat).detach()
+    quantized_map = straight_through.reshape(latents.shape[0], latents.shape[2], latents.shape[3], -1)
+    recon = vq.decoder(vq.post_quant_conv(quantized_map.permute(0, 3, 1, 2)))
+    return recon, vq_loss, codes, latents
+
+
+def random_images(recipe: TrainingRecipe, rng: np.random.Generator) -> torch.Tensor:
+    return images_tensor([random_scene(rng) for _ in range(recipe.vq_batch)], recipe.image_size)
+
+
+def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE, with the shape's pixels weighted FOREGROUND_WEIGHT times the background's.
+
+    The shape covers a few percent of an image: unweighted, "paint the background" is a deep minimum
+    that a small decoder takes first and leaves late. The background is read from the top-left pixel,
+    which no scene's shape reaches.
+    """
+    background = images[:, :, :1, :1]
+    shape = ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    weight = 1 + (FOREGROUND_WEIGHT - 1) * shape
+    error = recon - images
+    return (error.abs() * weight).mean() + (error.square() * weight).mean()
 
 
 def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
+    """Two phases: a plain autoencoder (no quantization), then k-means of its latents for the codebook and
+    quantized training, restarting codes nobody uses."""
     vq = build_vqvae()
     optimizer = torch.optim.AdamW(vq.parameters(), lr=recipe.vq_lr, weight_decay=0.0)
+    total = recipe.vq_ae_steps + recipe.vq_steps
+    losses = []
+    for step in range(recipe.vq_ae_steps):
+        images = random_images(recipe, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, recipe.vq_lr, warmup=50)
+        loss = reconstruction_loss(vq.decoder(vq.post_quant_conv(vq.encode(images).latents)), images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            logger.info("vq autoencoder step %d/%d loss %.4f", step + 1, recipe.vq_ae_steps, np.mean(losses[-100:]))
+    log["vq_autoencoder_loss"] = float(np.mean(losses[-100:]))
+
+    init_codebook(vq, recipe, rng)
     usage = torch.zeros(CODEBOOK_SIZE)
     losses = []
     for step in range(recipe.vq_steps):
-        full = step >= recipe.vq_steps - recipe.vq_full_size_steps
-        images = images_tensor([random_scene(rng) for _ in range(recipe.vq_batch)], recipe.image_size)
-        if not full:  # a random crop aligned to the token grid: tokens stay where they were
-            cells = (recipe.image_size - recipe.vq_crop) // VQ_STRIDE + 1
-            y, x = (int(v) * VQ_STRIDE for v in rng.integers(cells, size=2))
-            images = images[:, :, y : y + recipe.vq_crop, x : x + recipe.vq_crop]
+        images = random_images(recipe, rng)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe.vq_steps, recipe.vq_lr, warmup=50)
-        recon, commit_loss, codes, latents = vq_reconstruct(vq, images)
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + commit_loss
+            group["lr"] = lr_at(recipe.vq_ae_steps + step, total, recipe.vq_lr, warmup=50)
+        recon, vq_loss, codes, latents = vq_reconstruct(vq, images)
+        loss = reconstruction_loss(recon, images) + vq_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         usage += torch.bincount(codes, minlength=CODEBOOK_SIZE)
-        if (step + 1) % recipe.vq_restart_every == 0 and step + 1 < recipe.vq_steps - recipe.vq_full_size_steps:
+        if (step + 1) % recipe.vq_restart_every == 0 and step + 1 < recipe.vq_steps - recipe.vq_restart_every:
             restart_unused_codes(vq, usage, latents.detach(), rng)
             usage.zero_()
         losses.append(loss.item())
         if step % 100 == 0 or step == recipe.vq_steps - 1:
-            logger.info("vq step %d/%d loss %.4f", step + 1, recipe.vq_steps, loss.item())
-    log["vq_final_loss"] = float(np.mean(losses[-50:]))
+            logger.info("vq step %d/%d loss %.4f", step + 1, recipe.vq_steps, np.mean(losses[-100:]))
+    log["vq_final_loss"] = float(np.mean(losses[-100:]))
     return vq.eval()
+
+
+@torch.no_grad()
+def save_preview(vq, recipe: TrainingRecipe, path: Path, count: int = 6) -> None:
+    """Scenes (top row) and their quantized reconstructions (bottom row), to look at."""
+    from PIL import Image
+
+    rng = np.random.default_rng([recipe.seed, 99])
+    images = images_tensor([random_scene(rng, include_held_out=True) for _ in range(count)], recipe.image_size)
+    recon = vq_reconstruct(vq, images)[0].clamp(0, 1)
+    rows = [torch.cat(list(batch), dim=2) for batch in (images, recon)]
+    pixels = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@torch.no_grad()
+def init_codebook(vq, recipe: TrainingRecipe, rng: np.random.Generator, images: int = 32, rounds: int = 15) -> None:
+    """k-means of the encoder's outputs on whole images: a codebook where the latents are."""
+    batches = [vq.encode(random_images(recipe, rng)).latents for _ in range(-(-images // recipe.vq_batch))]
+    vectors = torch.cat([b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]) for b in batches])
+    centroids = vectors[torch.from_numpy(rng.choice(len(vectors), CODEBOOK_SIZE, replace=len(vectors) < CODEBOOK_SIZE))]
+    for _ in range(rounds):
+        nearest = torch.cdist(vectors, centroids).argmin(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, vectors)
+        counts = torch.bincount(nearest, minlength=CODEBOOK_SIZE)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    vq.quantize.embedding.weight.copy_(centroids)
 
 
 @torch.no_grad()
@@ -268,7 +345,7 @@ def train_transformer(recipe, tokens, captions, input_ids, text_encoder, rng, lo
 
 def vq_stage_key(recipe: TrainingRecipe) -> str:
     """Names a VQ stage result: everything that stage depends on."""
-    fields = ("seed", "image_size", "vq_steps", "vq_full_size_steps", "vq_crop", "vq_batch", "vq_lr")
+    fields = ("seed", "image_size", "vq_ae_steps", "vq_steps", "vq_batch", "vq_lr")
     fields += ("vq_restart_every",)
     return "vqvae-" + "-".join(str(getattr(recipe, name)) for name in fields)
 
@@ -294,7 +371,8 @@ def vq_stage(recipe: TrainingRecipe, log: dict, cache_dir: Path | None):
     log["vq_seconds"] = round(time.perf_counter() - started, 1)
     if cached is not None:
         vq.save_pretrained(cached, safe_serialization=True)
-        stage_log = {k: log[k] for k in ("vq_final_loss", "vq_seconds")}
+        save_preview(vq, recipe, cached / "preview.png")
+        stage_log = {k: log[k] for k in ("vq_autoencoder_loss", "vq_final_loss", "vq_seconds")}
         (cached / "stage_log.json").write_text(json.dumps(stage_log, indent=2) + "\n")
     return vq
 

@@ -1,0 +1,54 @@
+"""train-demo: the machinery on a few steps (the real run takes about an hour; its result ships)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from meissonic_edge.train_demo import TrainingRecipe, lr_at, train_demo, training_timesteps
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    return train_demo(tmp_path_factory.mktemp("train") / "demo", TrainingRecipe.quick())
+
+
+def test_training_is_deterministic(quick_model, tmp_path):
+    again = train_demo(tmp_path / "again", TrainingRecipe.quick())
+    files = sorted(p.relative_to(quick_model) for p in quick_model.rglob("*.safetensors"))
+    assert len(files) == 3
+    for relative in files:
+        assert (quick_model / relative).read_bytes() == (again / relative).read_bytes(), relative
+    other = train_demo(tmp_path / "other", TrainingRecipe.quick(seed=1))
+    path = "transformer/diffusion_pytorch_model.safetensors"
+    assert (other / path).read_bytes() != (quick_model / path).read_bytes()
+
+
+def test_the_result_is_a_model_directory_that_generates(quick_model):
+    from meissonic_edge.pipeline import ReferencePipeline
+
+    log = json.loads((quick_model / "training_log.json").read_text())
+    assert {"vq_final_loss", "transformer_final_loss", "total_seconds", "torch", "threads"} <= set(log)
+    pipe = ReferencePipeline.from_model_dir(quick_model)
+    assert pipe.defaults.height == 256 and pipe.defaults.steps == 16  # generation_defaults.json
+    image = pipe("a red circle at the top left on a white background", steps=2)
+    assert image.size == (256, 256)
+
+
+def test_the_vq_stage_is_cached_and_reused(tmp_path):
+    first = train_demo(tmp_path / "a", TrainingRecipe.quick(), cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert (cached / "config.json").is_file()
+    second = train_demo(tmp_path / "b", TrainingRecipe.quick(), cache_dir=tmp_path / "cache")
+    for name in ("vqvae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_schedule_helpers():
+    assert lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, warmup=10) == pytest.approx(0.1, abs=1e-3)
+    u = np.array([0.0, 0.5, 0.999])
+    t = training_timesteps(u, np.random.default_rng(0), TrainingRecipe())
+    # all masked (u = 0) is the first step, whose timestep is N - 1 >= 7; nearly done is the last, 0
+    assert t[0] >= 7 and t[2] == 0 and 0 <= t[1] < t[0]
