@@ -339,7 +339,7 @@ def compare_guided(session, inputs: dict, refs: list[np.ndarray], precision: str
     got = session.run(["logits"], {**feed, "guidance_scale": np.array([CHECK_GUIDANCE], np.float32)})[0]
     ref = guided_reference(refs[0], CHECK_GUIDANCE)
     checks = [max_abs_check("logits", got, ref, precision), cosine_check("logits", got, ref, precision)]
-    return {**require(GUIDED_GRAPH, checks), "guidance_scale": CHECK_GUIDANCE}
+    return require(GUIDED_GRAPH, checks)
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -437,7 +437,8 @@ def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPre
         files = write_guided(path, codebook_size=refs[0].shape[-1])
         session = open_session(path.with_name(files[0]))
         parity = compare_guided(session, inputs, refs, settings.precision)
-        return {GUIDED_GRAPH: {"files": files, **io_spec(session), "parity": parity}}
+        entry = {"files": files, **io_spec(session), "parity": parity, "parity_guidance_scale": CHECK_GUIDANCE}
+        return {GUIDED_GRAPH: entry}
 
     return export_component("transformer", load, inputs, out_dir, settings, spec, variants=guided)
 

@@ -40,7 +40,7 @@ def test_bundle_records_and_checks_the_guided_graph(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     entry = manifest["graphs"][GUIDED_GRAPH]
     assert entry["variant_of"] == "transformer" and entry["precision"] == manifest["graphs"]["transformer"]["precision"]
-    assert entry["parity"]["logits_cosine"]["passed"] and entry["parity"]["guidance_scale"] == 9.0
+    assert entry["parity"]["logits_cosine"]["passed"] and entry["parity_guidance_scale"] == 9.0
     assert [i["name"] for i in entry["inputs"]][-1] == "guidance_scale"
 
 

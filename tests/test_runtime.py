@@ -113,11 +113,13 @@ def test_symlink_out_of_the_bundle(bundle_copy, tmp_path):
 
 
 def test_graph_inputs_must_match_the_manifest(bundle_copy):
-    rewrite_manifest(bundle_copy, lambda m: m["graphs"]["transformer"]["inputs"][0].update(dtype="tensor(float)"))
-    with pytest.raises(BundleError, match="transformer graph input 'tokens' is tensor.int64."):
+    rewrite_manifest(
+        bundle_copy, lambda m: m["graphs"]["transformer_guided"]["inputs"][0].update(dtype="tensor(float)")
+    )
+    with pytest.raises(BundleError, match="transformer_guided graph input 'tokens' is tensor.int64."):
         OnnxPipeline(bundle_copy)
-    rewrite_manifest(bundle_copy, lambda m: m["graphs"]["transformer"]["inputs"][0].update(name="ids"))
-    with pytest.raises(BundleError, match="transformer graph has no input 'ids'"):
+    rewrite_manifest(bundle_copy, lambda m: m["graphs"]["transformer_guided"]["inputs"][0].update(name="ids"))
+    with pytest.raises(BundleError, match="transformer_guided graph has no input 'ids'"):
         OnnxPipeline(bundle_copy)
 
 
