@@ -49,7 +49,8 @@ from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
 logger = logging.getLogger(__name__)
 
 OPSET = 21  # int4 weights (GatherBlockQuantized) need opset 21 types
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside them
+EXTERNAL_DATA_BYTES = 100_000_000  # larger weights sit beside the graph: onnxruntime reads them without
+# parsing a second copy inside the protobuf, and the guided transformer graph shares them
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHECK_GUIDANCE = 9.0  # the guided transformer graph is checked at upstream's default scale
 CHECK_PROMPTS = ["a red circle at the top left on a white background", "A Photo of a Cat, café-style!", ""]
