@@ -1,6 +1,6 @@
 """`train-demo`: train the small shapes model that ships with the package, from scratch, on a CPU.
 
-Three stages, each in the exact Meissonic layout so that every exporter and runtime path runs on it:
+Four stages, each in the exact Meissonic layout so that every exporter and runtime path runs on it:
 
 1. the VQ tokenizer: a diffusers `VQModel` with f=16. First a plain autoencoder (no quantization), then
    a codebook from k-means of its latents and quantized training with the VQ-VAE loss, restarting codes
@@ -12,6 +12,7 @@ Three stages, each in the exact Meissonic layout so that every exporter and runt
    tokens (the paper's cosine schedule), and the cross-entropy on the masked positions is minimised. The
    timestep the model sees is the one our sampler passes at that masking ratio for a random step count,
    and one caption in ten is dropped to "" so that classifier-free guidance works.
+4. the VQ decoder alone, on the frozen encoder's tokens: more steps for rendering what the tokens say.
 
 Held-out colour/shape pairs (`shapes.HELD_OUT_PAIRS`) appear in no training image, so the adherence score
 on them measures composition. Deterministic: a recipe and a seed give the same weights on the same
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from meissonic_edge.checkpoint import quiet_libraries
 from meissonic_edge.clip_vocab import write_clip_tokenizer
-from meissonic_edge.config import SchedulerConfig, TransformerConfig
+from meissonic_edge.config import VQ_STRIDE, SchedulerConfig, TransformerConfig
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.model import MeissonicTransformer
 from meissonic_edge.presets import write_model_index
@@ -67,11 +68,11 @@ DEMO_TEXT_ENCODER = dict(  # transformers CLIPTextConfig arguments
     max_position_embeddings=77,
 )
 DEMO_VQ = dict(  # diffusers VQModel arguments; 5 levels make f=16
-    block_out_channels=[8, 16, 32, 64, 128],
-    latent_channels=16,
+    block_out_channels=[8, 16, 32, 128, 128],
+    latent_channels=32,
     num_vq_embeddings=CODEBOOK_SIZE,
     layers_per_block=1,
-    norm_num_groups=4,
+    norm_num_groups=1,  # GroupNorm over all channels: narrow layers with few channels per group lost colours
 )
 TOKENIZER_VOCAB = 640  # asked of the BPE trainer; the captions' few words need fewer
 MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # what the sampler passes at 256x256 (width, height, crop, score)
@@ -83,17 +84,20 @@ class TrainingRecipe:
     seed: int = 0
     image_size: int = 256
     # VQ tokenizer
-    vq_ae_steps: int = 2000  # first a plain autoencoder
-    vq_steps: int = 500  # then quantized
+    vq_ae_steps: int = 1500  # first a plain autoencoder
+    vq_steps: int = 400  # then quantized
     vq_batch: int = 4
     vq_lr: float = 2e-3
     vq_restart_every: int = 100  # steps between restarts of unused codes
+    # VQ decoder fine-tuning (stage 4), on the frozen encoder's tokens
+    decoder_steps: int = 800
+    decoder_lr: float = 1e-3
     # training set
     dataset_size: int = 8000
     # transformer + text encoder
-    steps: int = 2400
+    steps: int = 1800
     batch: int = 64
-    lr: float = 8e-4
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     caption_dropout: float = 0.1
@@ -102,7 +106,9 @@ class TrainingRecipe:
     @classmethod
     def quick(cls, seed: int = 0) -> TrainingRecipe:
         """A few steps of everything: for tests of the machinery, not a usable model."""
-        return cls(seed=seed, vq_ae_steps=2, vq_steps=6, vq_restart_every=2, dataset_size=16, steps=4, batch=4)
+        return cls(
+            seed=seed, vq_ae_steps=2, vq_steps=6, vq_restart_every=2, decoder_steps=2, dataset_size=16, steps=4, batch=4
+        )
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -133,6 +139,8 @@ def build_vqvae():
     )
 
 
+COLOUR_SCALE = 8.0  # latent units per unit of colour in the first three latent channels (see colour_loss)
+PATCH_WEIGHT = 10.0  # weight of the error in each token's mean colour
 FOREGROUND_WEIGHT = 10.0  # reconstruction weight of the shape's pixels against the background's
 COMMITMENT = 0.25  # weight of the encoder's pull towards its code (the codebook's pull towards the encoder is 1)
 
@@ -173,7 +181,21 @@ def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tens
     shape = ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
     weight = 1 + (FOREGROUND_WEIGHT - 1) * shape
     error = recon - images
-    return (error.abs() * weight).mean() + (error.square() * weight).mean()
+    patch_colour = F.avg_pool2d(error, VQ_STRIDE)  # each token's mean colour error: what a token must carry
+    return (
+        (error.abs() * weight).mean() + (error.square() * weight).mean() + PATCH_WEIGHT * patch_colour.square().mean()
+    )
+
+
+def colour_loss(latents: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Hold the first three latent channels to each token's mean colour, scaled by COLOUR_SCALE.
+
+    Without it the latents did carry colour, but in directions so small next to the shape's that the
+    nearest-code lookup merged colours (red and purple, green and blue shared codes; on black nearly all
+    colours did): the tokens could not say which colour a shape is, and nothing downstream can recover it.
+    """
+    patch = F.avg_pool2d(images, VQ_STRIDE)  # (B, 3, h, w) in [0, 1]
+    return F.mse_loss(latents[:, :3], COLOUR_SCALE * (patch - 0.5))
 
 
 def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
@@ -187,7 +209,8 @@ def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
         images = random_images(recipe, rng)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, recipe.vq_lr, warmup=50)
-        loss = reconstruction_loss(vq.decoder(vq.post_quant_conv(vq.encode(images).latents)), images)
+        latents = vq.encode(images).latents
+        loss = reconstruction_loss(vq.decoder(vq.post_quant_conv(latents)), images) + colour_loss(latents, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -204,7 +227,7 @@ def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(recipe.vq_ae_steps + step, total, recipe.vq_lr, warmup=50)
         recon, vq_loss, codes, latents = vq_reconstruct(vq, images)
-        loss = reconstruction_loss(recon, images) + vq_loss
+        loss = reconstruction_loss(recon, images) + vq_loss + colour_loss(latents, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -433,5 +456,51 @@ def train_demo(
         (tmp / GENERATION_DEFAULTS_FILE).write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
         log["total_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    logger.info("trained in %.0f s", log["total_seconds"])
+        finetune_decoder(tmp, recipe)
+    logger.info("trained in %.0f s", json.loads((Path(out_dir) / "training_log.json").read_text())["total_seconds"])
     return Path(out_dir)
+
+
+def finetune_decoder(model_dir: Path, recipe: TrainingRecipe) -> None:
+    """Stage 4: train the VQ decoder (and post_quant_conv) alone on the saved model's frozen tokens.
+
+    The encoder and codebook stay as they are, so the tokens the transformer learnt stay valid; the decoder
+    gets the steps it needs to render the tokens' colours, which the first stage's budget left short. It
+    starts from the saved (fp16) weights, so running it on a saved model directory is the same as
+    running it inside `train_demo`. Updates `training_log.json`.
+    """
+    from diffusers import VQModel
+
+    started = time.perf_counter()
+    log = json.loads((model_dir / "training_log.json").read_text())
+    with torch.random.fork_rng(), quiet_libraries():
+        torch.use_deterministic_algorithms(True)
+        rng = stage_rng(recipe, 4)
+        vq = VQModel.from_pretrained(model_dir / "vqvae").float()
+        trained = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
+        for parameter in vq.parameters():
+            parameter.requires_grad_(False)
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trained, lr=recipe.decoder_lr, weight_decay=0.0)
+        losses = []
+        for step in range(recipe.decoder_steps):
+            images = random_images(recipe, rng)
+            with torch.no_grad():
+                latents = vq.encode(images).latents
+                quantized, _, _ = vq.quantize(latents)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, recipe.decoder_steps, recipe.decoder_lr, warmup=20)
+            loss = reconstruction_loss(vq.decoder(vq.post_quant_conv(quantized)), images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 100 == 0 or step == recipe.decoder_steps - 1:
+                logger.info("decoder step %d/%d loss %.4f", step + 1, recipe.decoder_steps, np.mean(losses[-100:]))
+        torch.use_deterministic_algorithms(False)
+        vq.half().save_pretrained(model_dir / "vqvae", safe_serialization=True)
+    log["decoder_final_loss"] = float(np.mean(losses[-100:])) if losses else None
+    log["decoder_seconds"] = round(time.perf_counter() - started, 1)
+    log["total_seconds"] = round(log["total_seconds"] + log["decoder_seconds"], 1)
+    (model_dir / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
