@@ -231,7 +231,7 @@ class FeedRecorder:
         open_session = pipe.session
 
         def session(name):
-            if name != "transformer":
+            if name not in ("transformer", "transformer_guided"):
                 return open_session(name)
             self.session = open_session(name)
             return self
@@ -240,7 +240,9 @@ class FeedRecorder:
 
     def run(self, output_names, feed):
         if self.calls in self.steps:
-            self.feeds[self.calls] = {name: np.array(value, copy=True) for name, value in feed.items()}
+            # the plain transformer's inputs (the guided graph's, less its scale): fidelity runs the plain graph
+            inputs = {name: value for name, value in feed.items() if name != "guidance_scale"}
+            self.feeds[self.calls] = {name: np.array(value, copy=True) for name, value in inputs.items()}
         self.calls += 1
         return self.session.run(output_names, feed)
 
