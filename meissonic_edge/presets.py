@@ -130,11 +130,12 @@ def write_transformer(folder: Path, config: TransformerConfig, generator: torch.
     save_safetensors(model, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
-def write_vqvae(folder: Path, arguments: dict, generator: torch.Generator, dtype) -> None:
+def build_vqvae(arguments: dict):
+    """A diffusers VQModel in Meissonic's layout (one down/up block per level, codebook lookup, no attention)."""
     from diffusers import VQModel
 
     levels = len(arguments["block_out_channels"])
-    model = VQModel(
+    return VQModel(
         down_block_types=["DownEncoderBlock2D"] * levels,
         up_block_types=["UpDecoderBlock2D"] * levels,
         lookup_from_codebook=True,
@@ -142,6 +143,10 @@ def write_vqvae(folder: Path, arguments: dict, generator: torch.Generator, dtype
         force_upcast=True,
         **arguments,
     )
+
+
+def write_vqvae(folder: Path, arguments: dict, generator: torch.Generator, dtype) -> None:
+    model = build_vqvae(arguments)
     perturb_constant_parameters(model, generator)
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
 

@@ -39,7 +39,7 @@ from meissonic_edge.clip_vocab import write_clip_tokenizer
 from meissonic_edge.config import VQ_STRIDE, SchedulerConfig, TransformerConfig
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.model import MeissonicTransformer
-from meissonic_edge.presets import write_model_index
+from meissonic_edge.presets import build_vqvae, write_model_index
 from meissonic_edge.sampler import GENERATION_DEFAULTS_FILE
 from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, draw, random_scene
 
@@ -125,20 +125,6 @@ def images_tensor(scenes: list[Scene], size: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
 
 
-def build_vqvae():
-    from diffusers import VQModel
-
-    levels = len(DEMO_VQ["block_out_channels"])
-    return VQModel(
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        lookup_from_codebook=True,
-        mid_block_add_attention=False,
-        force_upcast=True,
-        **DEMO_VQ,
-    )
-
-
 COLOUR_SCALE = 8.0  # latent units per unit of colour in the first three latent channels (see colour_loss)
 PATCH_WEIGHT = 10.0  # weight of the error in each token's mean colour
 FOREGROUND_WEIGHT = 10.0  # reconstruction weight of the shape's pixels against the background's
@@ -201,7 +187,7 @@ def colour_loss(latents: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
     """Two phases: a plain autoencoder (no quantization), then k-means of its latents for the codebook and
     quantized training, restarting codes nobody uses."""
-    vq = build_vqvae()
+    vq = build_vqvae(DEMO_VQ)
     optimizer = torch.optim.AdamW(vq.parameters(), lr=recipe.vq_lr, weight_decay=0.0)
     total = recipe.vq_ae_steps + recipe.vq_steps
     losses = []
