@@ -4,10 +4,10 @@
     report = bench("models/meissonic", ["fp16", "int8"], "bench/", sizes=(512, 1024), steps=4)
 
 For each variant (a precision spec passed unchanged to `export_onnx(precision=...)`) and each size, one
-guided generation (model batch 2: [negative; prompt]) runs in a child process of its own, so that its
-peak resident memory is its own. The PyTorch reference (fp32) is measured the same way. Then every
-variant is compared with the fp32 ONNX variant, which is always exported because it is the yardstick:
-its transformer logits on fixed inputs, its final tokens and its images.
+generation with the model's sampling defaults (with guidance, model batch 2: [negative; prompt]) runs in
+a child process of its own, so that its peak resident memory is its own. The PyTorch reference (fp32) is
+measured the same way. Then every variant is compared with the fp32 ONNX variant, which is always exported
+because it is the yardstick: its transformer logits on fixed inputs, its final tokens and its images.
 
     OUT_DIR/
       report.md, report.json   the tables; the JSON holds everything, with the command and the machine
@@ -63,6 +63,7 @@ import numpy as np
 
 from meissonic_edge import __version__
 from meissonic_edge.errors import MeissonicError, OptionsError
+from meissonic_edge.sampler import model_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -794,6 +795,7 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
             "seed": arguments["seed"],
             "threads": arguments["threads"],
             "low_memory": arguments["low_memory"],
+            "guidance_scale": model_defaults(model_dir).guidance_scale,  # the model's: bench does not set it
             "fidelity_reference": REFERENCE_SPEC,
         },
         "variants": [

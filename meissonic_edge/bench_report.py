@@ -17,8 +17,8 @@ PLOT_DPI = 100
 def fmt(value, spec: str = ".3g") -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
+    if isinstance(value, str) or (isinstance(value, float) and not np.isfinite(value)):
+        return str(value)  # report.json stores infinities as "inf"
     return format(value, spec)
 
 
@@ -26,6 +26,13 @@ def markdown(report: dict) -> str:
     import shlex
 
     machine, settings = report["machine"], report["settings"]
+    guidance = settings.get("guidance_scale")
+    if guidance is None:  # a report from before the scale was recorded: the model's default then was guided
+        guided = "guided (model batch 2)"
+    elif guidance > 1:
+        guided = f"guidance {guidance:g} (model batch 2)"
+    else:
+        guided = "no guidance (model batch 1)"
     fp32 = next(v for v in report["variants"] if v["spec"] == REFERENCE_SPEC)
     graph_names = list(dict.fromkeys(name for v in report["variants"] for name in v["graphs"]))
     lines = [
@@ -37,7 +44,7 @@ def markdown(report: dict) -> str:
         f"{fmt(machine['memory_mib'], ',')} MiB memory, {machine['platform']}; Python {machine['python']}, "
         f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']}, numpy {machine['numpy']}.",
         "",
-        f"Settings: sizes {settings['sizes']} px, {settings['steps']} steps, guided (model batch 2), "
+        f"Settings: sizes {settings['sizes']} px, {settings['steps']} steps, {guided}, "
         f"seed {settings['seed']}, {settings['repeats']} repeat(s) of {len(settings['prompts'])} prompt(s), "
         f"threads {settings['threads'] or 'default'}, low memory {'on' if settings['low_memory'] else 'off'} "
         "(ONNX variants only).",

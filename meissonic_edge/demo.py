@@ -102,6 +102,23 @@ def contact_sheet(images: list[Image.Image], captions: list[str], verdicts: list
     return sheet
 
 
+def reference_adherence(model_dir: Path, held_out: bool = True, seed: int = 0, **overrides) -> tuple[float, list]:
+    """The fp32 PyTorch pipeline's adherence score over the fixed prompt set (`shapes.evaluation_scenes`).
+
+    The protocol of `bench --adherence shapes`: one image per prompt, every prompt with the same seed, the
+    model's generation defaults unless `overrides` (steps=..., guidance_scale=...). Returns the score and
+    the images.
+    """
+    from meissonic_edge.adherence import adherence_score
+    from meissonic_edge.pipeline import ReferencePipeline
+    from meissonic_edge.shapes import evaluation_scenes
+
+    pipe = ReferencePipeline.from_model_dir(model_dir)
+    scenes = evaluation_scenes(held_out)
+    images = [pipe.generate(scene.caption, seed=seed, **overrides).images[0] for scene in scenes]
+    return adherence_score(images, scenes), images
+
+
 def run_demo(
     output: str | Path = "demo-output",
     precision: str = "int8",

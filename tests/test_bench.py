@@ -105,6 +105,17 @@ def test_report_files(bench_run):
     for heading in ("## Size on disk", "## Speed and memory", "## Fidelity against the fp32 ONNX variant"):
         assert heading in markdown
     assert "| fp16 | 64 |" in markdown and "| torch-fp32 | 64 |" in markdown and "adherence" in markdown
+    assert saved["settings"]["guidance_scale"] == 9.0 and "guidance 9 (model batch 2)" in markdown  # tiny's default
+
+
+def test_report_renders_again_from_its_json(bench_run):
+    from meissonic_edge.bench_report import markdown
+
+    out, _, _, _ = bench_run
+    saved = json.loads((out / "report.json").read_text())
+    assert markdown(saved) == (out / "report.md").read_text()  # "inf" read back from JSON included
+    saved["settings"]["guidance_scale"] = 1.0
+    assert "no guidance (model batch 1)" in markdown(saved)
 
 
 def test_sizes_on_disk_come_from_the_bundles(bench_run):

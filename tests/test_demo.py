@@ -1,6 +1,6 @@
 """`meissonic-edge demo`: its failure without a shipped model, and its contact sheet.
 
-No trained demo model ships yet (issue 6 is open); tests of the model itself come with it."""
+The shipped model itself is tested in test_demo_model.py."""
 
 import numpy as np
 

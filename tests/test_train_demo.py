@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from meissonic_edge.train_demo import TrainingRecipe, lr_at, train_demo, training_timesteps
+from meissonic_edge.train_demo import GENERATION_DEFAULTS, TrainingRecipe, lr_at, train_demo, training_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,12 @@ def test_the_result_is_a_model_directory_that_generates(quick_model):
     from meissonic_edge.pipeline import ReferencePipeline
 
     log = json.loads((quick_model / "training_log.json").read_text())
-    assert {"vq_final_loss", "transformer_final_loss", "total_seconds", "torch", "threads"} <= set(log)
+    assert {"vq_decoder_loss", "vq_encoder_token_accuracy", "transformer_final_loss", "total_seconds"} <= set(log)
+    assert {"torch", "threads", "codes_used"} <= set(log)
     pipe = ReferencePipeline.from_model_dir(quick_model)
-    assert pipe.defaults.height == 256 and pipe.defaults.steps == 16  # generation_defaults.json
+    for name, value in GENERATION_DEFAULTS.items():  # read from generation_defaults.json
+        assert getattr(pipe.defaults, name) == value, name
+    assert pipe.defaults.height == 256  # not GenerationOptions' own default (1024)
     image = pipe("a red circle at the top left on a white background", steps=2)
     assert image.size == (256, 256)
 

@@ -1,0 +1,55 @@
+"""The shipped demo model (`meissonic_edge/demo_model/`): its size and files, its fp32 prompt adherence
+against a stated floor, and `meissonic-edge demo` end to end from its int8 bundle."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from meissonic_edge.cli import main
+from meissonic_edge.demo import DEMO_MODEL, DEMO_PROMPTS, reference_adherence
+
+MAX_BYTES = 20 * 1024 * 1024  # the issue's limit for a model committed to the repository
+# fp32 (PyTorch) adherence on the 45 held-out prompts with the model's defaults (64 steps, no guidance), the
+# protocol of `bench --adherence shapes` (seed 0 for every prompt). Measured on the 2-core AMD EPYC dev
+# machine: 39/45. The floor leaves room for float differences between CPUs, which can flip a few borderline
+# squares (other seeds score 33-35/45 on this machine: see the README).
+HELD_OUT_MEASURED = 39 / 45
+HELD_OUT_FLOOR = 0.7
+
+
+def test_shipped_model_is_small_and_safetensors_only():
+    files = [p for p in DEMO_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= MAX_BYTES
+    suffixes = {p.suffix for p in files}
+    assert suffixes <= {".json", ".safetensors", ".txt"}, suffixes  # no pickles, nothing unexpected
+    for component in ("transformer", "text_encoder", "vqvae"):
+        (weights,) = (DEMO_MODEL / component).glob("*.safetensors")
+        with safe_open(weights, "pt") as f:
+            dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+        assert dtypes == {"F16"}, (component, dtypes)
+    log = json.loads((DEMO_MODEL / "training_log.json").read_text())
+    assert log["total_seconds"] <= 75 * 60  # "about an hour" on the 2-core machine it was trained on
+
+
+def test_shipped_model_adherence_floor():
+    score, images = reference_adherence(DEMO_MODEL, held_out=True)
+    assert len(images) == 45
+    assert score >= HELD_OUT_FLOOR, (
+        f"held-out adherence {score:.3f} under the floor {HELD_OUT_FLOOR} (dev machine: {HELD_OUT_MEASURED:.3f})"
+    )
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "contact_sheet.png") in printed
+    images = sorted((out / "images").glob("*.png"))
+    assert len(images) == len(DEMO_PROMPTS)
+    manifest = json.loads((out / "bundle-int8" / "manifest.json").read_text())
+    assert manifest["recipe"]["components"]["transformer"]["precision"] == "int8"
+    assert all(check["passed"] for graph in manifest["graphs"].values() for check in graph["parity"].values())
+    shown = int(printed.split("all right): ")[1].split("/")[0])
+    assert shown >= len(DEMO_PROMPTS) // 2, printed  # the int8 bundle draws what it is asked, most of the time
