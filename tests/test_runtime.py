@@ -123,6 +123,18 @@ def test_graph_inputs_must_match_the_manifest(bundle_copy):
         OnnxPipeline(bundle_copy)
 
 
+def test_low_memory_arena_only_for_the_transformer(tiny_bundle):
+    """The transformer keeps its arena (same shapes every step); single-run graphs free tensors at once."""
+    low, normal = OnnxPipeline(tiny_bundle, low_memory=True), OnnxPipeline(tiny_bundle)
+    for name in ("transformer", "transformer_guided"):
+        options = low.session_options(name)
+        assert options.enable_cpu_mem_arena and options.enable_mem_pattern, name
+    for name in ("text_encoder", "vq_decoder", "vq_encoder"):
+        options = low.session_options(name)
+        assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern, name
+        assert normal.session_options(name).enable_cpu_mem_arena, name
+
+
 def test_bad_options(tiny_bundle):
     runtime = OnnxPipeline(tiny_bundle, low_memory=True)
     with pytest.raises(OptionsError, match="height must be a positive multiple of 32"):
