@@ -134,9 +134,19 @@ FOREGROUND_WEIGHT = 4.0  # reconstruction weight of the shape's pixels against t
 DESCRIPTOR_POOL = 2  # a patch's descriptor is its pixels average-pooled by this: (16/2)^2 * 3 = 192 numbers
 
 
+def images_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 images -> (N, 3, S, S) float32 in [0, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+
+def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of each point's nearest centroid, `chunk` points at a time (the distance matrix stays small)."""
+    return torch.cat([torch.cdist(points[i : i + chunk], centroids).argmin(1) for i in range(0, len(points), chunk)])
+
+
 def patch_descriptors(pixels: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 images -> (N, S/16 * S/16, 192) float: each 16x16 patch, pooled 2x, flattened."""
-    x = F.avg_pool2d(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0, DESCRIPTOR_POOL)
+    x = F.avg_pool2d(images_tensor(pixels), DESCRIPTOR_POOL)
     n, c, h, w = x.shape
     p = VQ_STRIDE // DESCRIPTOR_POOL
     x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
@@ -146,9 +156,7 @@ def patch_descriptors(pixels: np.ndarray) -> torch.Tensor:
 def assign_codes(pixels: np.ndarray, centroids: torch.Tensor) -> torch.Tensor:
     """Each patch's nearest centroid: (N, S, S, 3) uint8 -> (N, S/16, S/16) int64 token grids."""
     n, size = pixels.shape[0], pixels.shape[1] // VQ_STRIDE
-    flat = patch_descriptors(pixels).reshape(-1, centroids.shape[1])
-    nearest = torch.cat([torch.cdist(flat[i : i + 65536], centroids).argmin(1) for i in range(0, len(flat), 65536)])
-    return nearest.reshape(n, size, size)
+    return nearest_centroid(patch_descriptors(pixels).reshape(-1, centroids.shape[1]), centroids).reshape(n, size, size)
 
 
 def patch_codebook(recipe: TrainingRecipe, rng: np.random.Generator, log: dict) -> torch.Tensor:
@@ -167,9 +175,7 @@ def patch_codebook(recipe: TrainingRecipe, rng: np.random.Generator, log: dict) 
     others = torch.from_numpy(rng.choice(len(points), CODEBOOK_SIZE - 20, replace=len(points) < CODEBOOK_SIZE))
     centroids = torch.cat([points[heaviest], points[others]])
     for _ in range(recipe.kmeans_rounds):
-        nearest = torch.cat(
-            [torch.cdist(points[i : i + 65536], centroids).argmin(1) for i in range(0, len(points), 65536)]
-        )
+        nearest = nearest_centroid(points, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, nearest, points * weights[:, None])
         mass = torch.zeros(CODEBOOK_SIZE).index_add_(0, nearest, weights)
         centroids = torch.where(mass[:, None] > 0, sums / mass.clamp(min=1e-9)[:, None], centroids)
@@ -220,8 +226,7 @@ def shape_crops(recipe: TrainingRecipe, rng: np.random.Generator, centroids: tor
         images.append(pixels[i, rows, cols])
         masks.append(shape[i, rows, cols])
         grids.append(codes[i, top : top + side, left : left + side])
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return images, torch.stack(grids), torch.from_numpy(np.stack(masks))[:, None].float()
+    return images_tensor(np.stack(images)), torch.stack(grids), torch.from_numpy(np.stack(masks))[:, None].float()
 
 
 def decode_codes(vq, codes: torch.Tensor) -> torch.Tensor:
@@ -289,7 +294,7 @@ def train_vqvae(recipe: TrainingRecipe, rng: np.random.Generator, log: dict):
 
     with torch.no_grad():  # the encoder's agreement with the codebook on fresh whole scenes
         pixels = np.stack([draw(random_scene(rng, include_held_out=True), recipe.image_size) for _ in range(32)])
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+        images = images_tensor(pixels)
         picked = encoder_logits(vq, images).argmax(1)
         log["vq_encoder_token_accuracy"] = float((picked == assign_codes(pixels, centroids).flatten()).float().mean())
     logger.info("vq encoder picks the codebook's token for %.1f%% of patches", 100 * log["vq_encoder_token_accuracy"])
@@ -303,7 +308,7 @@ def save_preview(vq, centroids: torch.Tensor, recipe: TrainingRecipe, path: Path
 
     rng = np.random.default_rng([recipe.seed, 99])
     pixels = np.stack([draw(random_scene(rng, include_held_out=True), recipe.image_size) for _ in range(count)])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    images = images_tensor(pixels)
     size = recipe.image_size // VQ_STRIDE
     encoded = encoder_logits(vq, images).argmax(1).reshape(count, size, size)
     rows = [
