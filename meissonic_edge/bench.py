@@ -691,12 +691,12 @@ def summarize_logits(logits: dict) -> dict:
 
 def bundle_sizes(bundle: Path) -> dict:
     """Bytes on disk of each graph (its file and its external data) and of the whole bundle, from the manifest."""
-    from meissonic_edge.bundle import read_manifest
+    from meissonic_edge.bundle import graph_files, read_manifest
 
     manifest = read_manifest(bundle)
     graphs = {}
     for name, graph in manifest["graphs"].items():
-        files = [graph["file"], *graph.get("external_data", [])]
+        files = graph_files(graph)
         graphs[name] = {
             "bytes": sum(manifest["files"][f]["bytes"] for f in files),
             "files": files,

@@ -88,6 +88,13 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
+def graph_files(graph: dict) -> list[str]:
+    """Every bundle file of one manifest graph entry: its graph, its external data, and (the tiled VQ decoder)
+    the graph of each of its layers."""
+    layers = [path for op in graph.get("ops", []) for key, path in op.items() if key != "kind"]
+    return [graph.get("file"), *graph.get("external_data", []), *layers]
+
+
 def verify_files(bundle_dir: str | Path, manifest: dict, checksums: bool = True) -> None:
     """Every file the manifest names lies inside the bundle, exists, and (optionally) matches its sha256."""
     root = Path(bundle_dir)
@@ -105,7 +112,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict, checksums: bool = True)
     if not isinstance(tokenizer_dir, str) or not inside(root, tokenizer_dir).is_dir():
         raise BundleError(f"manifest names no tokenizer folder inside the bundle (got {tokenizer_dir!r})")
     for name, graph in manifest["graphs"].items():
-        for relative in [graph.get("file"), *graph.get("external_data", [])]:
+        for relative in graph_files(graph):
             inside(root, relative)
             if relative not in manifest["files"]:
                 raise BundleError(f"graph {name} file {relative!r} has no checksum in the manifest")

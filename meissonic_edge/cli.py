@@ -80,6 +80,8 @@ def cmd_export(args) -> None:
     if args.format == "coreml":
         if int4:
             raise OptionsError("--int4-* options apply to --format onnx (CoreML int4 is symmetric, block 32)")
+        if args.no_tiled_decoder:
+            raise OptionsError("--no-tiled-decoder applies to --format onnx")
         from meissonic_edge.export_coreml import export_coreml
 
         path = export_coreml(
@@ -111,6 +113,7 @@ def cmd_export(args) -> None:
         overwrite=args.force,
         progress=not args.quiet,
         int4_settings=int4,
+        tiled_decoder=not args.no_tiled_decoder,
     )
     print_bundle_summary(path)
     print(f"wrote the ONNX bundle {path} (every graph passed its parity check)")
@@ -118,18 +121,17 @@ def cmd_export(args) -> None:
 
 def print_bundle_summary(path: Path) -> None:
     """One line per graph: precision, size on disk, its first cosine check, weights left in float."""
-    from meissonic_edge.bundle import read_manifest
+    from meissonic_edge.bundle import graph_files, read_manifest
 
     manifest = read_manifest(path)
-    print(f"{'graph':<14}{'precision':<11}{'MB on disk':>11}  {'parity':<36}float weights left")
+    print(f"{'graph':<20}{'precision':<11}{'MB on disk':>11}  {'parity':<36}float weights left")
     for name, graph in manifest["graphs"].items():
-        files = [graph["file"], *graph.get("external_data", [])]
-        size = sum(manifest["files"][f]["bytes"] for f in files) / 1e6
+        size = sum(manifest["files"][f]["bytes"] for f in graph_files(graph)) / 1e6
         checks = graph["parity"]
         metric = next((m for m in checks if m.endswith("cosine")), next(iter(checks)))
         parity = f"{metric} {checks[metric]['value']:.6g}"
         left = graph.get("quantization", {}).get("float_weight_ops", "-")
-        print(f"{name:<14}{graph['precision']:<11}{size:>11.1f}  {parity:<36}{left}")
+        print(f"{name:<20}{graph['precision']:<11}{size:>11.1f}  {parity:<36}{left}")
 
 
 def overrides(args) -> dict:
@@ -256,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-accuracy-level", type=integer, help="int4 graphs: MatMulNBits accuracy level (default 4)")
     p.add_argument("--text-encoder", help="take the text encoder and tokenizer from this directory")
     p.add_argument("--check-size", default="256", help="image size of the parity checks, N or HxW (default: 256)")
+    p.add_argument(
+        "--no-tiled-decoder",
+        action="store_true",
+        help="ONNX: leave out vq_decoder_tiled/, the VQ decoder of --low-memory (210 MB at full size)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)

@@ -40,10 +40,12 @@ from meissonic_edge.checkpoint import (
 )
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
 from meissonic_edge.errors import MeissonicError, OptionsError
+from meissonic_edge.export_tiled import VQDecoderStem, write_layer_graphs
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.guided import GUIDED_GRAPH, guided_reference, write_guided
 from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.sampler import GenerationOptions, model_defaults
+from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
 from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -435,7 +437,7 @@ def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPre
         return tuple(sample.values()), dynamic, ["logits"]
 
     def guided(path: Path, refs: list[np.ndarray]) -> dict:
-        files = write_guided(path, codebook_size=refs[0].shape[-1])
+        files = write_guided(path)
         session = open_session(path.with_name(files[0]))
         parity = compare_guided(session, inputs, refs, settings.precision)
         entry = {"files": files, **io_spec(session), "parity": parity, "parity_guidance_scale": CHECK_GUIDANCE}
@@ -444,7 +446,7 @@ def export_transformer(load, inputs: dict, out_dir: Path, settings: ComponentPre
     return export_component("transformer", load, inputs, out_dir, settings, spec, variants=guided)
 
 
-def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
+def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision, tiled: bool = True) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
 
@@ -452,7 +454,47 @@ def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrec
         sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
         return sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"]
 
-    return export_component("vq_decoder", load, inputs, out_dir, settings, spec)
+    def tiled_variant(path: Path, refs: list[np.ndarray]) -> dict:
+        return {TILED_GRAPH: export_tiled_decoder(load, inputs, out_dir, refs[0])}
+
+    return export_component(
+        "vq_decoder", load, inputs, out_dir, settings, spec, variants=tiled_variant if tiled else None
+    )
+
+
+def export_tiled_decoder(load, inputs: dict, out_dir: Path, reference: np.ndarray) -> dict:
+    """The tiled VQ decoder (tiled_decoder.py): layer graphs, the stem graph, and its check against PyTorch.
+
+    The check decodes the check tokens in strips of at most a quarter of the image's rows and compares with
+    the PyTorch decode (`reference`): PSNR >= MIN_PSNR_DB["fp16"] (its weights and activations are float16).
+    """
+    vqvae = load().vqvae
+    entry = write_layer_graphs(vqvae, out_dir)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
+    sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
+    path = out_dir / TILED_GRAPH / "stem.onnx"
+    dynamic = {"tokens": {0: batch, 1: height, 2: width}}
+    files = export_graph(VQDecoderStem(vqvae), sample, path, ["tokens"], ["features"], dynamic, TILED_GRAPH, "fp32")
+    top_channels = vqvae.config.block_out_channels[0]  # the widest tensors are at full resolution
+    del vqvae
+    gc.collect()
+    entry["files"] = [f"{TILED_GRAPH}/{name}" for name in files]
+    entry["file"] = entry["files"][0]
+    session = open_session(path)
+    entry.update(io_spec(session))
+    del session
+    entry["strip_check_elements"] = top_channels * reference.shape[2] * reference.shape[3] // 4
+    parity = compare_tiled(out_dir, entry, inputs["tokens"].numpy(), reference)
+    del entry["file"]
+    return {**entry, "parity": parity, "precision": "fp16"}
+
+
+def compare_tiled(bundle_dir: Path, entry: dict, tokens: np.ndarray, reference: np.ndarray) -> dict:
+    """The tiled decoder, in strips of at most a quarter of the image's rows, against the PyTorch decode."""
+    decoder = TiledDecoder(bundle_dir, entry, open_session, strip_elements=entry["strip_check_elements"])
+    checks = [Check("image_psnr_db", psnr(decoder(tokens), reference), MIN_PSNR_DB["fp16"], True)]
+    return require(TILED_GRAPH, checks)
 
 
 def export_vq_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
@@ -574,8 +616,12 @@ def export_onnx(
     overwrite: bool = False,
     progress: bool = True,
     int4_settings: dict | None = None,
+    tiled_decoder: bool = True,
 ) -> Path:
     """Export every component of `model_dir` into the bundle `out_dir`; return its path.
+
+    `tiled_decoder=False` leaves out the tiled VQ decoder that `--low-memory` uses (its layer graphs hold the
+    decoder's weights again in float16: 210 MB for the full-size model); low-memory runs then decode untiled.
 
     `precision` is a recipe (see `quantize.py`): "fp32", "fp16", "int8", "int4",
     "transformer=int4,text_encoder=int8,vq_decoder=fp16", or a JSON recipe file.
@@ -601,14 +647,15 @@ def export_onnx(
             settings = recipe[component]
             bar.set_description(f"exporting {component} ({settings.precision})")
             logger.info("exporting %s (%s)", component, settings.precision)
-            graphs[component] = EXPORTERS[component](load, inputs, tmp, settings)
+            options = {"tiled": tiled_decoder} if component == "vq_decoder" else {}
+            graphs[component] = EXPORTERS[component](load, inputs, tmp, settings, **options)
             for variant, entry in graphs[component].pop("variants", {}).items():
                 graphs[variant] = {**entry, "variant_of": component}
             bar.update()
         bar.close()
 
         for component, graph in graphs.items():
-            graph["precision"] = recipe[graph.get("variant_of", component)].precision
+            graph.setdefault("precision", recipe[graph.get("variant_of", component)].precision)
             graph["file"], *external = graph.pop("files")
             graph["external_data"] = external
         manifest = {
@@ -687,4 +734,7 @@ def verify_parity(
             if guided is not None:
                 session = open_session(bundle_dir / guided["file"])
                 results[GUIDED_GRAPH] = compare_guided(session, inputs, refs, guided["precision"])
+            tiled = manifest["graphs"].get(TILED_GRAPH) if component == "vq_decoder" else None
+            if tiled is not None:
+                results[TILED_GRAPH] = compare_tiled(bundle_dir, tiled, inputs["tokens"].numpy(), refs[0])
     return results

@@ -26,7 +26,6 @@ from meissonic_edge.errors import MeissonicError
 
 GUIDED_GRAPH = "transformer_guided"
 HEAD_NORM_SCOPE = "mlm_layer.layer_norm/"  # node names of the RMSNorm right before the vocabulary projection
-PASS_THROUGH = ("Cast", "Identity")  # ops between the projection's Reshape and the `logits` output (fp16)
 
 
 class GuidedGraphError(MeissonicError):
@@ -41,23 +40,34 @@ def head_input(graph) -> str:
     return norm_nodes[-1].output[0]
 
 
-def logits_reshape(graph):
-    """The Reshape that makes [B, h*w, K] of the projection's [B, h, w, K] (maybe behind Cast nodes)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    node = producers.get("logits")
-    while node is not None and node.op_type in PASS_THROUGH:
-        node = producers.get(node.input[0])
-    if node is None or node.op_type != "Reshape":
-        raise GuidedGraphError("the transformer graph's `logits` do not come from a Reshape")
-    return node
+SHAPE_OPS = ("Reshape", "Expand", "Tile", "Shape", "Slice", "Concat", "Split", "ConstantOfShape")
 
 
-def make_guided(model, codebook_size: int):
+def require_pointwise_tail(graph, source: str) -> None:
+    """Between `source` and `logits` no op that builds or reads shapes (which would take the model batch, 2B,
+    from the tokens after the split into halves): the projection, quantization and casts only."""
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    frontier, seen = [source], set()
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in SHAPE_OPS:
+                raise GuidedGraphError(f"{node.name} ({node.op_type}) lies between the head's norm and the logits")
+            frontier.extend(node.output)
+
+
+def make_guided(model):
     """Rewire a transformer ModelProto (in place) into the guided variant; return it."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     graph = model.graph
     source = head_input(graph)
+    require_pointwise_tail(graph, source)
     consumers = [node for node in graph.node if source in node.input]
     if not consumers:
         raise GuidedGraphError(f"nothing reads {source!r} in the transformer graph")
@@ -81,14 +91,6 @@ def make_guided(model, codebook_size: int):
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
 
-    # The original Reshape takes its batch from the tokens (2B); the guided logits have B rows.
-    shape = numpy_helper.from_array(np.array([0, -1, codebook_size], dtype=np.int64), prefix + "logits_shape")
-    graph.initializer.append(shape)
-    reshape = logits_reshape(graph)
-    reshape.input[1] = shape.name
-    for attribute in reshape.attribute:
-        if attribute.name == "allowzero":
-            attribute.i = 0  # 0 in the shape copies the input's batch
     del graph.value_info[:]  # recorded shapes downstream of the split no longer hold; runtimes infer them
     for output in graph.output:
         if output.name == "logits":
@@ -97,7 +99,7 @@ def make_guided(model, codebook_size: int):
     return model
 
 
-def write_guided(transformer_path: Path, codebook_size: int) -> list[str]:
+def write_guided(transformer_path: Path) -> list[str]:
     """Write `transformer_guided.onnx` beside `transformer_path`, sharing its external weights if it has them.
 
     Returns the bundle-relative files of the new graph (its external data is the transformer's file).
@@ -105,7 +107,7 @@ def write_guided(transformer_path: Path, codebook_size: int) -> list[str]:
     import onnx
 
     model = onnx.load(str(transformer_path), load_external_data=False)
-    make_guided(model, codebook_size)
+    make_guided(model)
     path = transformer_path.with_name(GUIDED_GRAPH + ".onnx")
     path.write_bytes(model.SerializeToString())  # external references stay as they are: the same .data file
     onnx.checker.check_model(str(path))

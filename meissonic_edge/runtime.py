@@ -6,12 +6,12 @@
 
 The sampling loop is the shared one in `sampler.py`, so a seed gives the same tokens as the PyTorch
 reference. With `low_memory=True` only one graph is loaded at a time: the text encoder, then the
-transformer, then the VQ decoder, each released after use.
+transformer, then the VQ decoder, each released after use (and its memory handed back to the system, see
+`heap.py`); the VQ decoder is then the tiled one (`tiled_decoder.py`) when the bundle has it.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,8 +23,10 @@ from PIL import Image
 
 from meissonic_edge.bundle import BundleError, read_manifest, verify_files
 from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.heap import release_freed_memory, trim_heap
 from meissonic_edge.imaging import to_pil
 from meissonic_edge.sampler import Generation, GenerationOptions, sample
+from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
 from meissonic_edge.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -138,12 +140,18 @@ class OnnxPipeline:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
-        if self.low_memory and name not in ("transformer", GUIDED_GRAPH):
-            # No arena and no memory pattern (a block sized for every intermediate, allocated up front):
-            # tensors live only as long as they are needed. Measured on the meissonic int4 bundle at
-            # 1024x1024: the VQ decoder peaks at 4.6 GB instead of 10.8 GB. Not for the transformer, which
-            # runs the same shapes every step: without its arena it peaked higher (6.1 GB against 1.5 GB)
-            # and its first step took 20 s instead of 8 s.
+        if not self.low_memory:
+            return options
+        if name in ("transformer", GUIDED_GRAPH):
+            # The transformer runs the same shapes every step: it keeps its arena (without one it peaked at
+            # 6.1 GB instead of 1.5 GB and its first step took 20 s instead of 8 s, meissonic int4 at 1024x1024)
+            # but plans no memory pattern, a block sized for every intermediate allocated up front: 1086 MiB
+            # peak instead of 1199 MiB at the same speed (block-128 int4 bundle, guided, 1024x1024).
+            options.enable_mem_pattern = False
+        elif name != TILED_GRAPH:
+            # Graphs that run once (text encoder, VQ graphs): no arena and no memory pattern, so tensors live
+            # only as long as they are needed. The untiled VQ decoder at 1024x1024 peaks at 4.6 GB instead of
+            # 10.8 GB. The tiled decoder's layer graphs run strip after strip and keep their arena.
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False
         return options
@@ -157,18 +165,20 @@ class OnnxPipeline:
             graph = self.manifest["graphs"].get(name)
             if graph is None:
                 raise BundleError(f"this bundle has no {name} graph")
-            path = self.root / graph["file"]
-            try:
-                session = ort.InferenceSession(str(path), self.session_options(name), providers=self.providers)
-            except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
-                raise BundleError(f"cannot load {graph['file']}: {str(e).splitlines()[0]}") from None
+            session = self.open_session(self.root / graph["file"], name)
             check_session_io(session, graph, name)
             self.sessions[name] = session
         return self.sessions[name]
 
+    def open_session(self, path: Path, name: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), self.session_options(name), providers=self.providers)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+            raise BundleError(f"cannot load {path.relative_to(self.root)}: {str(e).splitlines()[0]}") from None
+
     def release(self, name: str) -> None:
         if self.low_memory and self.sessions.pop(name, None) is not None:
-            gc.collect()
+            release_freed_memory()
 
     # ---- stages
 
@@ -185,7 +195,15 @@ class OnnxPipeline:
         return text_embeds, hidden
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """VQ tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1]."""
+        """VQ tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1].
+
+        In low-memory mode the tiled decoder runs when the bundle has one (see tiled_decoder.py).
+        """
+        if self.low_memory and TILED_GRAPH in self.manifest["graphs"]:
+            entry = self.manifest["graphs"][TILED_GRAPH]
+            open_layer = lambda path: self.open_session(path, TILED_GRAPH)  # noqa: E731
+            decoder = TiledDecoder(self.root, entry, open_layer, release=trim_heap)
+            return decoder(tokens)
         image = self.session("vq_decoder").run(["image"], {"tokens": tokens.astype(np.int64)})[0]
         self.release("vq_decoder")
         return image

@@ -253,7 +253,7 @@ class StagedForward:
         x = a.x if a.context is not None else a.x[:, a.text_len :]  # (B, h'*w', C)
         x = m.project_from_hidden(m.project_from_hidden_norm(x))
         x = m.up_block(x.unflatten(1, a.grid))  # (B, h, w, C)
-        return replace(a, x=m.mlm_layer(x).flatten(1, 2), context=None)  # (B, h*w, codebook_size)
+        return replace(a, x=m.mlm_layer(x.flatten(1, 2)), context=None)  # (B, h*w, codebook_size)
 
     def run(self, a: Activations, start: int = 1, keep: list | None = None) -> torch.Tensor:
         """Stages `start`.. on `a` (what enters stage `start`); `keep` collects what enters each stage."""

@@ -20,10 +20,11 @@ def tiny_flat_model_dir(tmp_path_factory):
     return make_random(tmp_path_factory.mktemp("models") / "tiny-flat", "tiny", seed=1, feature_compression=False)
 
 
-def _bundle(tmp_path_factory, model_dir, name, precision="fp32"):
+def _bundle(tmp_path_factory, model_dir, name, precision="fp32", tiled_decoder=True):
     from meissonic_edge.export_onnx import export_onnx
 
-    return export_onnx(model_dir, tmp_path_factory.mktemp("bundles") / name, precision=precision, progress=False)
+    folder = tmp_path_factory.mktemp("bundles") / name
+    return export_onnx(model_dir, folder, precision=precision, progress=False, tiled_decoder=tiled_decoder)
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +35,13 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_fp16_bundle(tiny_model_dir, tmp_path_factory):
-    return _bundle(tmp_path_factory, tiny_model_dir, "tiny-fp16", "fp16")
+    return _bundle(tmp_path_factory, tiny_model_dir, "tiny-fp16", "fp16", tiled_decoder=False)
 
 
 @pytest.fixture(scope="session")
 def upstream_flat_bundle(upstream_layout_model_dir, tmp_path_factory):
     """A model saved in upstream's exact layout, without feature compression, exported to fp32."""
-    return _bundle(tmp_path_factory, upstream_layout_model_dir, "upstream-flat-fp32")
+    return _bundle(tmp_path_factory, upstream_layout_model_dir, "upstream-flat-fp32", tiled_decoder=False)
 
 
 @pytest.fixture(scope="session")

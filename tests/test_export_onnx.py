@@ -41,7 +41,8 @@ def test_bundle_contract_and_recorded_parity(bundle_name, request):
     bundle = request.getfixturevalue(bundle_name)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
-    assert set(manifest["graphs"]) == set(CONTRACT) | {"transformer_guided"}  # the guided variant: test_guided.py
+    variants = {"transformer_guided"} | ({"vq_decoder_tiled"} if bundle_name == "tiny_bundle" else set())
+    assert set(manifest["graphs"]) == set(CONTRACT) | variants  # test_guided.py, test_tiled_decoder.py
     for name, (inputs, outputs) in CONTRACT.items():
         graph = manifest["graphs"][name]
         assert [(i["name"], i["dtype"], len(i["shape"])) for i in graph["inputs"]] == inputs

@@ -51,7 +51,9 @@ def test_guided_graph_shares_external_weights(tiny_model_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 1000)
     monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 1000)
-    bundle = export_onnx.export_onnx(tiny_model_dir, tmp_path / "b", precision="int4", progress=False)
+    bundle = export_onnx.export_onnx(
+        tiny_model_dir, tmp_path / "b", precision="int4", progress=False, tiled_decoder=False
+    )
     manifest = json.loads((bundle / "manifest.json").read_text())
     plain, guided = manifest["graphs"]["transformer"], manifest["graphs"][GUIDED_GRAPH]
     assert plain["external_data"] == guided["external_data"] == ["transformer.onnx.data"]
@@ -70,4 +72,20 @@ def test_a_graph_without_the_head_is_refused():
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1])],
     )
     with pytest.raises(GuidedGraphError, match="mlm_layer.layer_norm"):
-        make_guided(onnx.helper.make_model(graph), codebook_size=8)
+        make_guided(onnx.helper.make_model(graph))
+
+
+def test_a_tail_that_reshapes_after_the_norm_is_refused():
+    """After the split the batch is B, not 2B: a Reshape built from the tokens' shape would be wrong there."""
+    nodes = [
+        onnx.helper.make_node("Mul", ["x", "x"], ["n"], name="/mlm_layer.layer_norm/Mul"),
+        onnx.helper.make_node("Reshape", ["n", "shape"], ["logits"], name="/Reshape"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [2]) for name in ("x", "shape")],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2])],
+    )
+    with pytest.raises(GuidedGraphError, match=r"/Reshape \(Reshape\) lies between the head's norm and the logits"):
+        make_guided(onnx.helper.make_model(graph))

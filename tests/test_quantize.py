@@ -25,12 +25,16 @@ from meissonic_edge.runtime import OnnxPipeline
 
 @pytest.fixture(scope="session")
 def int8_bundle(tiny_model_dir, tmp_path_factory):
-    return export_onnx(tiny_model_dir, tmp_path_factory.mktemp("q") / "int8", precision="int8", progress=False)
+    return export_onnx(
+        tiny_model_dir, tmp_path_factory.mktemp("q") / "int8", precision="int8", progress=False, tiled_decoder=False
+    )
 
 
 @pytest.fixture(scope="session")
 def int4_bundle(tiny_model_dir, tmp_path_factory):
-    return export_onnx(tiny_model_dir, tmp_path_factory.mktemp("q") / "int4", precision="int4", progress=False)
+    return export_onnx(
+        tiny_model_dir, tmp_path_factory.mktemp("q") / "int4", precision="int4", progress=False, tiled_decoder=False
+    )
 
 
 def linear_layers(model_dir) -> int:
