@@ -44,7 +44,7 @@ def add_demo_parsers(commands) -> None:
     p.add_argument("--output", default="demo-output", help="folder for the bundle and images (default: demo-output)")
     p.add_argument("--precision", default="int8", help="bundle precision: fp32, fp16, int8 (default), int4, ...")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: eight shape prompts)")
-    p.add_argument("--steps", type=integer, help="sampling steps (default: the model's, 64)")
+    p.add_argument("--steps", type=integer, help="sampling steps (default: the model's, 256)")
     p.add_argument("--seed", type=integer, default=0, help="seed of the first image; the next ones count up")
     p.add_argument("--threads", type=integer, help="onnxruntime intra-op threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
