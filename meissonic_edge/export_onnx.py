@@ -455,14 +455,17 @@ def export_vq_decoder(load, inputs: dict, out_dir: Path, settings: ComponentPrec
         return sample, {"tokens": {0: batch, 1: height, 2: width}}, ["image"]
 
     def tiled_variant(path: Path, refs: list[np.ndarray]) -> dict:
-        return {TILED_GRAPH: export_tiled_decoder(load, inputs, out_dir, refs[0])}
+        sample, dynamic, _ = spec(None)  # the stem takes the same tokens, dynamic the same way
+        return {TILED_GRAPH: export_tiled_decoder(load, inputs, out_dir, refs[0], sample, dynamic)}
 
     return export_component(
         "vq_decoder", load, inputs, out_dir, settings, spec, variants=tiled_variant if tiled else None
     )
 
 
-def export_tiled_decoder(load, inputs: dict, out_dir: Path, reference: np.ndarray) -> dict:
+def export_tiled_decoder(
+    load, inputs: dict, out_dir: Path, reference: np.ndarray, sample: tuple, dynamic: dict
+) -> dict:
     """The tiled VQ decoder (tiled_decoder.py): layer graphs, the stem graph, and its check against PyTorch.
 
     The check decodes the check tokens in strips of at most a quarter of the image's rows and compares with
@@ -470,23 +473,17 @@ def export_tiled_decoder(load, inputs: dict, out_dir: Path, reference: np.ndarra
     """
     vqvae = load().vqvae
     entry = write_layer_graphs(vqvae, out_dir)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    height, width = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
-    sample = (inputs["tokens"][:2, :3, :2].contiguous(),)
     path = out_dir / TILED_GRAPH / "stem.onnx"
-    dynamic = {"tokens": {0: batch, 1: height, 2: width}}
     files = export_graph(VQDecoderStem(vqvae), sample, path, ["tokens"], ["features"], dynamic, TILED_GRAPH, "fp32")
     top_channels = vqvae.config.block_out_channels[0]  # the widest tensors are at full resolution
     del vqvae
     gc.collect()
     entry["files"] = [f"{TILED_GRAPH}/{name}" for name in files]
-    entry["file"] = entry["files"][0]
     session = open_session(path)
     entry.update(io_spec(session))
     del session
     entry["strip_check_elements"] = top_channels * reference.shape[2] * reference.shape[3] // 4
-    parity = compare_tiled(out_dir, entry, inputs["tokens"].numpy(), reference)
-    del entry["file"]
+    parity = compare_tiled(out_dir, {**entry, "file": entry["files"][0]}, inputs["tokens"].numpy(), reference)
     return {**entry, "parity": parity, "precision": "fp16"}
 
 

@@ -232,4 +232,4 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
                 ops.append({"kind": "upsample", "conv": save(upsample_graph(scope, upsampler.conv), scope)})
         out = norm_conv_graph("decoder.conv_out", decoder.conv_norm_out, decoder.conv_out, final=True)
         ops.append({"kind": "output", "conv": save(out, "decoder.conv_out")})
-    return {"groups": groups, "eps": eps, "ops": ops, "weights": "float16"}
+    return {"groups": groups, "eps": eps, "ops": ops}

@@ -98,13 +98,6 @@ class GroupStats:
         )
 
 
-def stats_of(x: np.ndarray, groups: int) -> GroupStats:
-    stats = GroupStats(x.shape[0], groups)
-    for start in range(0, x.shape[1], 64):
-        stats.add(x[:, start : start + 64])
-    return stats
-
-
 def strip_rows(channels: int, width: int, scale: int, budget: int) -> int:
     """Input rows per strip so that the strip's widest tensor (after upsampling by `scale`) fits `budget`."""
     return max(1, budget // (channels * width * scale * scale))
@@ -184,7 +177,7 @@ class TiledDecoder:
     def decode_features(self, features: np.ndarray) -> np.ndarray:
         """One image's stem output (C, h, w) float32 -> pixels (3, H, W) float32."""
         x = Stored(self.to_float16(features))
-        stats = stats_of(x.array, self.groups)
+        stats = self.statistics(x)
         for op in self.ops:
             if op["kind"] == "upsample":
                 x = Upsampled(x, self.open_session(op["conv"]))
@@ -219,9 +212,10 @@ class TiledDecoder:
             yield start, stop, max(start - HALO, 0), min(stop + HALO, height)
 
     def statistics(self, source) -> GroupStats:
+        """GroupNorm sums of a whole source, strip by strip (an upsampler's output is computed for them)."""
         stats = GroupStats(source.shape[0], self.groups)
         for start, stop, _, _ in self.strips(source, source.shape[0]):
-            stats.add(self.checked(source.rows(start, stop), "upsampler"))
+            stats.add(self.checked(source.rows(start, stop), type(source).__name__))
         return stats
 
     def checked(self, y: np.ndarray, where: str) -> np.ndarray:
