@@ -796,6 +796,7 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
             "threads": arguments["threads"],
             "low_memory": arguments["low_memory"],
             "guidance_scale": model_defaults(model_dir).guidance_scale,  # the model's: bench does not set it
+            "token_temperature": model_defaults(model_dir).token_temperature,  # the model's, likewise
             "fidelity_reference": REFERENCE_SPEC,
         },
         "variants": [

@@ -33,6 +33,8 @@ def markdown(report: dict) -> str:
         guided = f"guidance {guidance:g} (model batch 2)"
     else:
         guided = "no guidance (model batch 1)"
+    if settings.get("token_temperature", 1.0) != 1.0:  # recorded since it became an option; 1 before
+        guided += f", token temperature {settings['token_temperature']:g}"
     fp32 = next(v for v in report["variants"] if v["spec"] == REFERENCE_SPEC)
     graph_names = list(dict.fromkeys(name for v in report["variants"] for name in v["graphs"]))
     lines = [

@@ -139,6 +139,7 @@ def overrides(args) -> dict:
     given = {
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "token_temperature": args.token_temperature,
         "negative_prompt": args.negative_prompt,
         "height": args.height,
         "width": args.width,
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=integer, help="sampling steps (default: the bundle's, or 64)")
     p.add_argument("--guidance-scale", type=number, help="classifier-free guidance (default: 9)")
     p.add_argument("--negative-prompt", help='the unconditional prompt (default: "")')
+    p.add_argument(
+        "--token-temperature", type=number, help="softmax temperature of the token draws (default: the bundle's, or 1)"
+    )
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--height", type=integer, help="pixels (default: 1024)")
     p.add_argument("--width", type=integer, help="pixels (default: 1024)")

@@ -697,6 +697,7 @@ def defaults_section(model_dir: Path | None = None) -> dict:
         "guidance_scale": d.guidance_scale,
         "negative_prompt": d.negative_prompt,
         "temperature": list(d.temperature),
+        "token_temperature": d.token_temperature,
         "height": d.height,
         "width": d.width,
         "micro_conditions": {"aesthetic_score": d.aesthetic_score, "crop": list(d.crop)},

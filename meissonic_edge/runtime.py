@@ -91,6 +91,7 @@ def options_from_manifest(manifest: dict) -> GenerationOptions:
             height=d["height"],
             width=d["width"],
             temperature=tuple(d["temperature"]),
+            token_temperature=d.get("token_temperature", 1.0),  # bundles before it was an option drew at 1
             aesthetic_score=micro.get("aesthetic_score", 6.0),
             crop=tuple(micro.get("crop", (0, 0))),
         )

@@ -7,7 +7,9 @@ pick the same tokens. Semantics follow upstream Meissonic's scheduler (MEISSONIC
 - start with every token masked; at step i (of N) the model gets timestep N-1-i;
 - with guidance (scale > 1) the model batch is [unconditional; conditional] and
   logits = uncond + scale * (cond - uncond);
-- every masked position draws a token from softmax(logits); known tokens are kept;
+- every masked position draws a token from softmax(logits / token_temperature); known tokens are kept
+  (token_temperature is 1 upstream, where tokens are drawn from the model's own distribution; ours is an
+  option, and a model directory may choose another default: the demo model draws at 0.5);
 - except at the last step, the mask_len least confident drawn tokens are masked again, where
   mask_len = floor(seq_len * cos(pi/2 * (i+1)/N)) clamped to [1, masked - 1], and
   confidence = log p(drawn token) + temperature_i * Gumbel noise, temperatures linspace(2, 0, N).
@@ -51,6 +53,7 @@ class GenerationOptions:
     height: int = 1024
     width: int = 1024
     temperature: tuple[float, float] = (2.0, 0.0)  # Gumbel temperature, first step -> last step
+    token_temperature: float = 1.0  # softmax temperature of the token draws; < 1 draws likelier tokens
     aesthetic_score: float = 6.0  # micro-condition (the LAION aesthetic score asked for)
     crop: tuple[int, int] = field(default=(0, 0))  # micro-condition: crop coordinates (x, y)
 
@@ -72,6 +75,8 @@ class GenerationOptions:
             raise OptionsError(f"seed must be an integer >= 0, got {self.seed!r}")
         if len(self.temperature) != 2 or min(self.temperature) < 0:
             raise OptionsError(f"temperature must be two numbers >= 0 (first, last), got {self.temperature!r}")
+        if not math.isfinite(self.token_temperature) or self.token_temperature <= 0:
+            raise OptionsError(f"token temperature must be > 0, got {self.token_temperature}")
 
     def micro_conds(self) -> np.ndarray:
         """[width, height, crop_x, crop_y, aesthetic score], float32 (upstream's order)."""
@@ -144,8 +149,9 @@ def apply_guidance(logits: np.ndarray, scale: float) -> np.ndarray:
     return cond
 
 
-def draw_tokens(logits: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one token per position from softmax(logits) by inverse CDF; also return log p of it.
+def draw_tokens(logits: np.ndarray, u: np.ndarray, token_temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one token per position from softmax(logits / token_temperature) by inverse CDF; also return
+    log p of it under that distribution.
 
     logits (L, K), u (L,) uniform in [0, 1). Works on ROW_CHUNK positions at a time.
     """
@@ -155,6 +161,8 @@ def draw_tokens(logits: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for start in range(0, positions, ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         z = logits[rows].astype(np.float32, copy=False)
+        if token_temperature != 1.0:
+            z = z / np.float32(token_temperature)
         top = z.max(axis=-1, keepdims=True)  # (n, 1)
         cdf = np.subtract(z, top)  # (n, K)
         np.exp(cdf, out=cdf)  # unnormalised probabilities, in place: one temporary of n x K floats
@@ -175,6 +183,7 @@ def masked_step(
     mask_token_id: int,
     rng: np.random.Generator,
     schedule: str = "cosine",
+    token_temperature: float = 1.0,
 ) -> np.ndarray:
     """One step of the scheduler: draw the unknown tokens, then re-mask the least confident ones."""
     batch, seq_len = tokens.shape
@@ -183,7 +192,7 @@ def masked_step(
     drawn = np.empty_like(tokens)
     log_probs = np.empty((batch, seq_len), dtype=np.float32)
     for b in range(batch):
-        drawn[b], log_probs[b] = draw_tokens(logits[b], u[b])
+        drawn[b], log_probs[b] = draw_tokens(logits[b], u[b], token_temperature)
     result = np.where(unknown, drawn, tokens)
     if step == steps - 1:
         return result
@@ -221,7 +230,15 @@ def sample(
         if options.guided and not guided_inside:
             logits = apply_guidance(logits, options.guidance_scale)
         tokens = masked_step(
-            logits, tokens, step, options.steps, float(temperatures[step]), mask_token_id, rng, schedule
+            logits,
+            tokens,
+            step,
+            options.steps,
+            float(temperatures[step]),
+            mask_token_id,
+            rng,
+            schedule,
+            options.token_temperature,
         )
         del logits  # the next step's logits must not meet these in memory
         if callback is not None:

@@ -53,6 +53,7 @@ def test_generate_writes_a_png(tiny_model_dir, tmp_path, capsys):
         (["--guidance-scale", "-2"], "guidance scale must be >= 0"),
         (["--height", "40"], "height must be a positive multiple of 32"),
         (["--width", "48"], "width must be a positive multiple of 32"),
+        (["--token-temperature", "0"], "token temperature must be > 0"),
     ],
 )
 def test_bad_generation_options(tiny_model_dir, tmp_path, capsys, args, pattern):

@@ -74,6 +74,14 @@ def test_bundle_defaults_come_from_the_manifest(bundle_copy):
     assert seen == [0, 1, 2] and result.images[0].size == (64, 64)
 
 
+def test_token_temperature_comes_from_the_manifest(bundle_copy):
+    assert OnnxPipeline(bundle_copy, verify_checksums=False).default_options().token_temperature == 1.0
+    rewrite_manifest(bundle_copy, lambda m: m["defaults"].update(token_temperature=0.5))
+    assert OnnxPipeline(bundle_copy, verify_checksums=False).default_options().token_temperature == 0.5
+    rewrite_manifest(bundle_copy, lambda m: m["defaults"].pop("token_temperature"))  # bundles before the option
+    assert OnnxPipeline(bundle_copy, verify_checksums=False).default_options().token_temperature == 1.0
+
+
 def test_missing_manifest(bundle_copy):
     (bundle_copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match="is not a bundle: no manifest.json"):

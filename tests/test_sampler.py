@@ -1,6 +1,7 @@
 """The shared numpy sampler: upstream's schedule, correct draws, deterministic seeds."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,6 +49,27 @@ def test_draws_do_not_depend_on_the_chunk_size(monkeypatch):
     chunked = draw_tokens(logits, u)
     np.testing.assert_array_equal(whole[0], chunked[0])
     np.testing.assert_array_equal(whole[1], chunked[1])
+
+
+def test_token_temperature_draws_from_the_tempered_softmax():
+    probs = np.array([0.1, 0.2, 0.3, 0.4])
+    logits = np.tile(np.log(probs).astype(np.float32), (20000, 1))
+    u = np.random.default_rng(0).random(20000)
+    tokens, log_probs = draw_tokens(logits, u, token_temperature=0.5)
+    tempered = probs**2 / (probs**2).sum()  # softmax(log p / 0.5) is p^2, normalised
+    np.testing.assert_allclose(np.bincount(tokens, minlength=4) / len(tokens), tempered, atol=0.015)
+    np.testing.assert_allclose(log_probs, np.log(tempered)[tokens], atol=1e-5)
+    # the same uniforms at temperature 1 draw differently: the option is not ignored
+    assert (draw_tokens(logits, u)[0] != tokens).mean() > 0.1
+
+
+def test_token_temperature_reaches_every_step():
+    options = GenerationOptions(steps=4, guidance_scale=1.0, height=64, width=64, token_temperature=0.25)
+    cold = sample(RecordingDenoiser(), 2, (4, 4), MASK, options)
+    plain = sample(RecordingDenoiser(), 2, (4, 4), MASK, replace(options, token_temperature=1.0))
+    again = sample(RecordingDenoiser(), 2, (4, 4), MASK, options)
+    np.testing.assert_array_equal(cold, again)
+    assert (cold != plain).any()
 
 
 def test_guidance_formula():
@@ -154,6 +176,8 @@ def test_callback_sees_every_step_and_masks_shrink():
         (dict(height=100), "height must be a positive multiple of 32"),
         (dict(width=0), "width must be a positive multiple of 32"),
         (dict(seed=-3), "seed must be"),
+        (dict(token_temperature=0.0), "token temperature must be > 0"),
+        (dict(token_temperature=float("nan")), "token temperature must be > 0"),
     ],
 )
 def test_bad_options_are_named(kwargs, message):
