@@ -779,6 +779,7 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
                 },
             }
         )
+    defaults = model_defaults(model_dir)  # bench sets steps, sizes and seed; guidance and token temperature stay these
     return {
         "format": "meissonic-edge-bench",
         "format_version": 1,
@@ -795,8 +796,8 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
             "seed": arguments["seed"],
             "threads": arguments["threads"],
             "low_memory": arguments["low_memory"],
-            "guidance_scale": model_defaults(model_dir).guidance_scale,  # the model's: bench does not set it
-            "token_temperature": model_defaults(model_dir).token_temperature,  # the model's, likewise
+            "guidance_scale": defaults.guidance_scale,
+            "token_temperature": defaults.token_temperature,
             "fidelity_reference": REFERENCE_SPEC,
         },
         "variants": [
