@@ -14,12 +14,20 @@ blurry or blocky edges, shifted colours, noise, stray specks, now and then a sec
   its bounding box over that of the bottom third: 0.2; circle and square 1.0); a square fills its
   bounding box (1.0), a circle pi/4 of it.
 
-`judge` compares that with a prompt; `adherence_score` is the share of prompts an image set satisfies.
+How well the outline is drawn is measured apart from the verdict: `outline_iou` is the intersection over
+union of the region with each dataset shape's ideal outline of the same area, centred on the region's
+centroid (a circle, an axis-aligned square, an upright equilateral triangle, as `shapes.draw` draws them).
+Ground truth scores about 0.99 for its own shape; a circle drawn as a bumpy polygon or a square with
+rounded corners scores lower, though the verdict may still accept it.
+
+`judge` compares that with a prompt; `adherence_score` is the share of prompts an image set satisfies,
+`outline_score` the mean outline IoU with the prompted shapes.
 numpy, Pillow and scipy (imported when an image is examined).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, Scene, parse_prompt
+from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, parse_prompt
 
 MIN_SIDE = 64  # smallest image side examined, pixels
 BORDER = 1 / 32  # width of the border strip the background colour is taken from, fraction of the side
@@ -45,6 +53,7 @@ TRIANGLE_MAX_FILL = 0.75  # ... and its area / bounding box stays below this (id
 SQUARE_MIN_FILL = 0.88  # area / bounding box above which an untapered region is a square (ideal 1.0, the
 # circle's pi/4 = 0.785; measured: circles <= 0.84, squares >= 0.9 under noise, blur and specks)
 CIRCLE_MIN_FILL = 0.65  # ... and above which it is a circle; below it, no shape of the dataset
+OUTLINE_SUPERSAMPLE = 4  # ideal outlines are drawn this many times larger, then reduced (as shapes.draw does)
 LIGHTNESS_WEIGHT = 0.5  # weight of CIELAB's L against a and b when naming a colour
 
 
@@ -68,6 +77,7 @@ class Detection:
     taper: float | None = None
     centroid: tuple[float, float] | None = None
     rgb: tuple[int, int, int] | None = None
+    outline_iou: dict[str, float] | None = None
 
     @property
     def found(self) -> bool:
@@ -85,6 +95,11 @@ class Judgement:
     @property
     def satisfied(self) -> bool:
         return not self.mismatches
+
+    @property
+    def outline_iou(self) -> float:
+        """The region's IoU with the prompted shape's ideal outline; 0 when no region was found."""
+        return self.detection.outline_iou[self.prompt.shape] if self.detection.outline_iou else 0.0
 
 
 def detect(image: Image.Image | np.ndarray) -> Detection:
@@ -133,6 +148,10 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
         taper=taper,
         centroid=centroid,
         rgb=tuple(int(round(c)) for c in colour_rgb),
+        outline_iou={
+            shape: _iou(region, _ideal_outline(shape, len(ys), xs.mean(), ys.mean(), (height, width)))
+            for shape in SHAPES
+        },
     )
 
 
@@ -152,6 +171,16 @@ def adherence_score(images: Sequence[Image.Image | np.ndarray], prompts: Sequenc
     if not images or len(images) != len(prompts):
         raise OptionsError(f"adherence needs one image per prompt, got {len(images)} images for {len(prompts)} prompts")
     return sum(judge(image, prompt).satisfied for image, prompt in zip(images, prompts, strict=True)) / len(prompts)
+
+
+def outline_score(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[str | Scene]) -> float:
+    """Mean outline IoU, in [0, 1], of the images (same order) with their prompts' shapes (0 for no shape)."""
+    images, prompts = list(images), list(prompts)
+    if not images or len(images) != len(prompts):
+        raise OptionsError(
+            f"outline score needs one image per prompt, got {len(images)} images for {len(prompts)} prompts"
+        )
+    return float(np.mean([judge(image, prompt).outline_iou for image, prompt in zip(images, prompts, strict=True)]))
 
 
 def _rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -177,6 +206,34 @@ def _largest_region(mask: np.ndarray) -> np.ndarray | None:
         return None
     largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     return ndimage.binary_fill_holes(labels == largest)
+
+
+def _ideal_outline(shape: str, area: int, cx: float, cy: float, size: tuple[int, int]) -> np.ndarray:
+    """A boolean mask of `shape` with `area` pixels, centred (its centroid) on pixel (cx, cy), drawn
+    OUTLINE_SUPERSAMPLE times larger and reduced, as `shapes.draw` does."""
+    from PIL import ImageDraw
+
+    height, width = size
+    scale = OUTLINE_SUPERSAMPLE
+    canvas = Image.new("L", (width * scale, height * scale), 0)
+    pen = ImageDraw.Draw(canvas)
+    x, y = (cx + 0.5) * scale, (cy + 0.5) * scale
+    if shape == "circle":
+        r = math.sqrt(area / math.pi) * scale
+        pen.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    elif shape == "square":
+        half = math.sqrt(area) / 2 * scale
+        pen.rectangle((x - half, y - half, x + half, y + half), fill=255)
+    else:  # upright equilateral triangle: area = 3 sqrt(3) / 4 R^2, R its circumradius
+        R = math.sqrt(area * 4 / (3 * math.sqrt(3))) * scale
+        pen.polygon(
+            [(x, y - R), (x + math.sqrt(3) / 2 * R, y + R / 2), (x - math.sqrt(3) / 2 * R, y + R / 2)], fill=255
+        )
+    return np.asarray(canvas.resize((width, height), Image.Resampling.BOX)) >= 128
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _shape(fill: float, taper: float) -> str | None:

@@ -523,7 +523,7 @@ def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, t
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise OptionsError("prompts must be a non-empty list of strings")
     if adherence_fn is not None and not callable(adherence_fn):
-        raise OptionsError("adherence_fn must be a callable(image, prompt) -> bool")
+        raise OptionsError("adherence_fn must be a callable(image, prompt) -> bool or verdict")
     return prompts
 
 
@@ -626,7 +626,9 @@ def bench(
     """Benchmark each variant against fp32 and PyTorch; write the report into `out_dir` and return it.
 
     `variants` are precision specs as `export_onnx(precision=...)` takes them ("fp16", "int8", recipes); fp32
-    is always added. `adherence_fn(image, prompt) -> bool`, when given, scores each variant's prompt adherence.
+    is always added. `adherence_fn(image, prompt)`, when given, scores each variant's prompt adherence: it
+    returns a bool, or a verdict with `satisfied` and `outline_iou` (as `adherence.judge` does), whose mean
+    outline IoU is reported too.
     """
     from tqdm.auto import tqdm
 
@@ -739,15 +741,19 @@ def machine_info() -> dict:
     }
 
 
-def adherence_score(folder: Path, prompts: list[str], adherence_fn: Callable) -> float:
-    """Share of a run's images (one per prompt) that `adherence_fn(image, prompt)` accepts."""
+def adherence_scores(folder: Path, prompts: list[str], adherence_fn: Callable) -> tuple[float, float | None]:
+    """A run's images (one per prompt) judged by `adherence_fn(image, prompt)`: the share it accepts, and the
+    mean outline IoU when it returns verdicts with `satisfied` and `outline_iou` (None for plain booleans)."""
     from PIL import Image
 
-    accepted = []
+    verdicts = []
     for index, prompt in enumerate(prompts):
         with Image.open(folder / f"image-{index}.png") as image:
-            accepted.append(bool(adherence_fn(image.convert("RGB"), prompt)))
-    return sum(accepted) / len(accepted)
+            verdicts.append(adherence_fn(image.convert("RGB"), prompt))
+    accepted = [bool(getattr(v, "satisfied", v)) for v in verdicts]
+    outlines = [getattr(v, "outline_iou", None) for v in verdicts]
+    outline = None if None in outlines else sum(outlines) / len(outlines)
+    return sum(accepted) / len(accepted), outline
 
 
 def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include_reference, adherence_fn) -> dict:
@@ -763,6 +769,7 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
                 "max_rss": run.measure["max_rss_mib"] / torch_run.measure["max_rss_mib"],
             }
         folder = run.folder.relative_to(out_dir).as_posix()
+        adherence, outline_iou = adherence_scores(run.folder, prompts, adherence_fn) if adherence_fn else (None, None)
         rows.append(
             {
                 "variant": run.name,
@@ -772,7 +779,8 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
                 **run.measure,
                 "ratios_vs_torch": ratios,
                 "fidelity": run.fidelity,
-                "adherence": adherence_score(run.folder, prompts, adherence_fn) if adherence_fn else None,
+                "adherence": adherence,
+                "outline_iou": outline_iou,
                 "outputs": {
                     "images": [f"{folder}/image-{i}.png" for i in range(len(prompts))],
                     "tokens": [f"{folder}/tokens-{i}.npy" for i in range(len(prompts))],

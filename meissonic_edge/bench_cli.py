@@ -9,11 +9,12 @@ import argparse
 from pathlib import Path
 
 
-def shapes_adherence(image, prompt: str) -> bool:
-    """The demo model's evaluator: does the image show the prompt's shape, colour and position?"""
+def shapes_adherence(image, prompt: str):
+    """The demo model's evaluator: does the image show the prompt's shape, colour and position (`satisfied`),
+    and how close is its outline to the ideal shape (`outline_iou`)?"""
     from meissonic_edge.adherence import judge
 
-    return judge(image, prompt).satisfied
+    return judge(image, prompt)
 
 
 def cmd_bench(args) -> None:

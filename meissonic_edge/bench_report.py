@@ -96,6 +96,7 @@ def markdown(report: dict) -> str:
             f"| {fmt(ratios.get('step_s_median'), '.2f')} | {fmt(ratios.get('max_rss'), '.2f')} |"
         )
     with_adherence = any(r["adherence"] is not None for r in report["runs"])
+    with_outline = any(r.get("outline_iou") is not None for r in report["runs"])
     lines += [
         "",
         f"## Fidelity against the {REFERENCE_SPEC} ONNX variant",
@@ -103,11 +104,23 @@ def markdown(report: dict) -> str:
         "Logits: each transformer graph on the fp32 run's own inputs at steps "
         f"{sorted({0, settings['steps'] // 2, settings['steps'] - 1})} (first prompt); the worst step is shown. "
         "KL is KL(p_fp32 || p_variant) per position, in nats. Tokens and images: whole generations with the same "
-        "seed; the worst prompt is shown.",
+        "seed; the worst prompt is shown."
+        + (
+            " Adherence: the share of prompts whose image the evaluator accepts (one image per prompt)."
+            if with_adherence
+            else ""
+        )
+        + (
+            " Outline IoU: the mean IoU of each image's shape with the prompted shape's ideal outline of the same"
+            " area (ground truth: about 0.99)."
+            if with_outline
+            else ""
+        ),
         "",
         "| variant | size | logit cosine | logit KL | top-1 agreement | token agreement | PSNR dB | SSIM |"
-        + (" adherence |" if with_adherence else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if with_adherence else ""),
+        + (" adherence |" if with_adherence else "")
+        + (" outline IoU |" if with_outline else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" * (with_adherence + with_outline)),
     ]
     for r in report["runs"]:
         f, logits = r["fidelity"], r["fidelity"]["logits"] or {}
@@ -116,6 +129,7 @@ def markdown(report: dict) -> str:
             f"| {fmt(logits.get('kl_mean_max'), '.2e')} | {fmt(logits.get('top1_agreement_min'), '.4f')} "
             f"| {fmt(f['token_agreement'], '.4f')} | {fmt(f['psnr_db'], '.2f')} | {fmt(f['ssim'], '.4f')} |"
             + (f" {fmt(r['adherence'], '.2f')} |" if with_adherence else "")
+            + (f" {fmt(r.get('outline_iou'), '.3f')} |" if with_outline else "")
         )
     lines += [
         "",

@@ -5,9 +5,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from meissonic_edge.adherence import Detection, adherence_score, detect, judge
+from meissonic_edge.adherence import Detection, adherence_score, detect, judge, outline_score
 from meissonic_edge.errors import OptionsError
 from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, draw, evaluation_scenes, random_scene
 
@@ -138,6 +138,54 @@ def test_detection_reports_its_measurements():
     assert detection.fill_ratio == pytest.approx(np.pi / 4, abs=0.03)
     assert detection.area_share == pytest.approx(np.pi * scene.radius**2, rel=0.05)
     assert detection.rgb == COLOURS["blue"]
+
+
+def test_ground_truth_outlines_match_their_own_shape_best(ground_truth):
+    scenes, images = ground_truth
+    for scene, image in zip(scenes, images, strict=True):
+        judgement = judge(image, scene)
+        others = [iou for shape, iou in judgement.detection.outline_iou.items() if shape != scene.shape]
+        assert judgement.outline_iou >= 0.97, (scene.caption, judgement.outline_iou)  # measured: 0.988 and up
+        assert judgement.outline_iou > max(others) + 0.1, (scene.caption, judgement.detection.outline_iou)
+
+
+def _canvas(draw_shape) -> np.ndarray:
+    """A red shape on white, drawn at 1024x1024 by `draw_shape(pen)` and reduced to 256x256 as shapes.draw does."""
+    image = Image.new("RGB", (1024, 1024), BACKGROUNDS["white"])
+    draw_shape(ImageDraw.Draw(image))
+    return np.asarray(image.resize((256, 256), Image.Resampling.BOX))
+
+
+def test_outline_iou_measures_what_the_verdict_lets_pass():
+    """A bumpy circle and a square with rounded corners are still judged a circle and a square, but their
+    outline IoU falls below ground truth's."""
+    angles = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    radius = 180 * (1 + 0.08 * np.sin(6 * angles))
+    bumpy = _canvas(
+        lambda pen: pen.polygon(
+            list(zip(512 + radius * np.cos(angles), 512 + radius * np.sin(angles), strict=True)), fill=COLOURS["red"]
+        )
+    )
+    rounded = _canvas(lambda pen: pen.rounded_rectangle((352, 352, 672, 672), radius=70, fill=COLOURS["red"]))
+    true_circle = _canvas(lambda pen: pen.ellipse((332, 332, 692, 692), fill=COLOURS["red"]))
+    true_square = _canvas(lambda pen: pen.rectangle((352, 352, 672, 672), fill=COLOURS["red"]))
+    for image, truth, prompt in ((bumpy, true_circle, "a red circle"), (rounded, true_square, "a red square")):
+        caption = f"{prompt} in the center on a white background"
+        drawn, exact = judge(image, caption), judge(truth, caption)
+        assert drawn.satisfied and exact.satisfied
+        assert exact.outline_iou > 0.98 and drawn.outline_iou < exact.outline_iou - 0.03, (prompt, drawn.outline_iou)
+
+
+def test_outline_score_is_the_mean_over_prompts():
+    scenes = evaluation_scenes()[:3]
+    images = [draw(scene) for scene in scenes] + [np.full((256, 256, 3), 255, dtype=np.uint8)]  # the last: no shape
+    prompts = [*scenes, scenes[0]]
+    assert judge(images[-1], prompts[-1]).outline_iou == 0.0
+    expected = np.mean([judge(image, prompt).outline_iou for image, prompt in zip(images, prompts, strict=True)])
+    assert outline_score(images, prompts) == pytest.approx(expected)
+    assert 0.7 < outline_score(images, prompts) < 0.75  # three near 1, one 0
+    with pytest.raises(OptionsError, match="one image per prompt"):
+        outline_score(images, prompts[:2])
 
 
 def test_score_is_the_share_of_satisfied_prompts():

@@ -161,6 +161,7 @@ def test_fidelity_against_fp32(bench_run):
     torch = runs["torch-fp32"]["fidelity"]  # the same sampler and fp32 logits: the same tokens
     assert torch["logits"] is None and torch["token_agreement"] == 1.0 and torch["psnr_db"] > 40
     assert all(run["adherence"] in (0.0, 1.0) for run in report["runs"])
+    assert all(run["outline_iou"] is None for run in report["runs"])  # is_red returns booleans, not verdicts
 
 
 def test_grid_and_plots_are_pngs(bench_run):
@@ -258,3 +259,18 @@ def test_cli_parses_into_bench(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["bench", str(tiny_model_dir), str(tmp_path), "--sizes", "big"])
     assert exit_info.value.code == 2 and "expected an integer" in capsys.readouterr().err
+
+
+def test_adherence_scores_take_verdicts_with_outlines(tmp_path):
+    """An evaluator that returns verdicts (as the demo's `--adherence shapes` does) also gives the mean outline IoU."""
+    from meissonic_edge.adherence import judge
+    from meissonic_edge.bench import adherence_scores
+    from meissonic_edge.shapes import draw, evaluation_scenes
+
+    scenes = evaluation_scenes()[:2]
+    for index, scene in enumerate(scenes):
+        Image.fromarray(draw(scene)).save(tmp_path / f"image-{index}.png")
+    prompts = [scenes[0].caption, scenes[1].caption.replace(scenes[1].colour, "orange")]
+    share, outline = adherence_scores(tmp_path, prompts, judge)
+    assert share == 0.5 and outline > 0.98  # the wrong colour fails the verdict, not the outline
+    assert adherence_scores(tmp_path, prompts, lambda image, prompt: True) == (1.0, None)
