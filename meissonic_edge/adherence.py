@@ -167,20 +167,21 @@ def judge(image: Image.Image | np.ndarray, prompt: str | Scene) -> Judgement:
 
 def adherence_score(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[str | Scene]) -> float:
     """Share of the prompts, in [0, 1], whose image (same order) satisfies them."""
-    images, prompts = list(images), list(prompts)
-    if not images or len(images) != len(prompts):
-        raise OptionsError(f"adherence needs one image per prompt, got {len(images)} images for {len(prompts)} prompts")
-    return sum(judge(image, prompt).satisfied for image, prompt in zip(images, prompts, strict=True)) / len(prompts)
+    judgements = _judgements(images, prompts, "adherence")
+    return sum(j.satisfied for j in judgements) / len(judgements)
 
 
 def outline_score(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[str | Scene]) -> float:
     """Mean outline IoU, in [0, 1], of the images (same order) with their prompts' shapes (0 for no shape)."""
+    return float(np.mean([j.outline_iou for j in _judgements(images, prompts, "outline score")]))
+
+
+def _judgements(images, prompts, what: str) -> list[Judgement]:
+    """Each image (same order as `prompts`) judged against its prompt; `what` names the score in the error."""
     images, prompts = list(images), list(prompts)
     if not images or len(images) != len(prompts):
-        raise OptionsError(
-            f"outline score needs one image per prompt, got {len(images)} images for {len(prompts)} prompts"
-        )
-    return float(np.mean([judge(image, prompt).outline_iou for image, prompt in zip(images, prompts, strict=True)]))
+        raise OptionsError(f"{what} needs one image per prompt, got {len(images)} images for {len(prompts)} prompts")
+    return [judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
 
 
 def _rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
