@@ -21,6 +21,7 @@ seeded streams, so the VQ stage can be cached (`cache_dir`) without changing wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -134,6 +135,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+DATASET_DIGEST_SCENES = 16  # scenes drawn to fingerprint the dataset in a cached VQ stage's name
 FOREGROUND_WEIGHT = 4.0  # reconstruction weight of the shape's pixels against the background's
 DESCRIPTOR_POOL = 2  # a patch's descriptor is its pixels average-pooled by this: (16/2)^2 * 3 = 192 numbers
 
@@ -409,10 +411,16 @@ def train_transformer(recipe, tokens, captions, input_ids, text_encoder, rng, lo
 
 
 def vq_stage_key(recipe: TrainingRecipe) -> str:
-    """Names a VQ stage result: everything that stage depends on."""
+    """Names a VQ stage result: everything that stage depends on. The dataset counts too (vocabulary,
+    sizes, drawing): a digest of the first scenes the stage's random stream draws, and their pixels."""
     fields = ("seed", "image_size", "vq_images", "kmeans_rounds", "decoder_steps", "encoder_steps", "vq_batch")
     fields += ("crop_tokens", "vq_lr")
-    return "vqvae-" + "-".join(str(getattr(recipe, name)) for name in fields)
+    rng = np.random.default_rng([recipe.seed, 1])
+    digest = hashlib.sha256()
+    for _ in range(DATASET_DIGEST_SCENES):
+        scene = random_scene(rng)
+        digest.update(repr(scene).encode() + draw(scene, recipe.image_size).tobytes())
+    return "vqvae-" + "-".join(str(getattr(recipe, name)) for name in fields) + "-" + digest.hexdigest()[:10]
 
 
 def stage_rng(recipe: TrainingRecipe, stage: int) -> np.random.Generator:

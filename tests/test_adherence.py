@@ -35,6 +35,7 @@ def test_ground_truth_is_satisfied(ground_truth):
     failures = _failures(images, scenes)
     assert len(failures) <= 0.01 * N_SCENES, failures  # >= 99% (measured: all 200)
     assert any(scene.held_out for scene in scenes)
+    assert {scene.shape for scene in scenes} == set(SHAPES)
 
 
 @pytest.mark.parametrize("held_out", [True, False])

@@ -1,11 +1,19 @@
 """train-demo: the machinery on a few steps (the real run takes about an hour; its result ships)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from meissonic_edge.train_demo import GENERATION_DEFAULTS, TrainingRecipe, lr_at, train_demo, training_timesteps
+from meissonic_edge.train_demo import (
+    GENERATION_DEFAULTS,
+    TrainingRecipe,
+    lr_at,
+    train_demo,
+    training_timesteps,
+    vq_stage_key,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,21 @@ def test_the_vq_stage_is_cached_and_reused(tmp_path):
     second = train_demo(tmp_path / "b", TrainingRecipe.quick(), cache_dir=tmp_path / "cache")
     for name in ("vqvae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_the_vq_stage_key_follows_the_dataset(monkeypatch):
+    """A cached VQ stage is not reused for another dataset: the key names what the scenes look like."""
+    from meissonic_edge import shapes
+
+    recipe = TrainingRecipe()
+    key = vq_stage_key(recipe)
+    assert vq_stage_key(recipe) == key
+    assert vq_stage_key(dataclasses.replace(recipe, decoder_steps=10)) != key
+    monkeypatch.setattr(shapes, "SHAPES", shapes.SHAPES[:2])  # another vocabulary
+    assert vq_stage_key(recipe) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(shapes, "SUPERSAMPLE", 2)  # the same scenes, drawn differently
+    assert vq_stage_key(recipe) != key
 
 
 def test_schedule_helpers():
