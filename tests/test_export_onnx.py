@@ -103,8 +103,9 @@ def test_nodes_have_hierarchical_names(tiny_bundle):
 
 
 def test_failed_parity_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(exporter.MIN_PSNR_DB, "fp32", 1000.0)  # impossible: the VQ decoder check must fail
-    with pytest.raises(ParityError, match=r"vq_decoder does not match the PyTorch reference: image_psnr_db="):
+    # impossible for a cosine: the first graph's check (the text encoder's) fails and the export stops there
+    monkeypatch.setitem(exporter.MIN_COSINE, "fp32", 1.01)
+    with pytest.raises(ParityError, match=r"text_encoder does not match the PyTorch reference: \w+_cosine="):
         export_onnx(tiny_model_dir, tmp_path / "bundle", progress=False)
     assert list(tmp_path.iterdir()) == []
 
