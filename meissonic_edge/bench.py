@@ -806,6 +806,7 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
             "low_memory": arguments["low_memory"],
             "guidance_scale": defaults.guidance_scale,
             "token_temperature": defaults.token_temperature,
+            "temperature": list(defaults.temperature),
             "fidelity_reference": REFERENCE_SPEC,
         },
         "variants": [

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from meissonic_edge.bench import PHASES, REFERENCE_SPEC, TORCH_NAME, write_atomic, write_json
+from meissonic_edge.sampler import GenerationOptions
 
 PHASE_LABELS = {"load": "load", "text_encoding": "text encoding", "sampling": "sampling", "vq_decode": "VQ decode"}
 GRID_MIN_CELL = 128  # smaller images are enlarged in the grid, by a whole factor (nearest neighbour), to be seen
@@ -35,6 +36,9 @@ def markdown(report: dict) -> str:
         guided = "no guidance (model batch 1)"
     if settings.get("token_temperature", 1.0) != 1.0:  # recorded since it became an option; 1 before
         guided += f", token temperature {settings['token_temperature']:g}"
+    gumbel = settings.get("temperature")  # recorded since the demo model chose its own; (2, 0) before
+    if gumbel is not None and list(gumbel) != list(GenerationOptions().temperature):
+        guided += f", Gumbel temperature {gumbel[0]:g} to {gumbel[1]:g}"
     fp32 = next(v for v in report["variants"] if v["spec"] == REFERENCE_SPEC)
     graph_names = list(dict.fromkeys(name for v in report["variants"] for name in v["graphs"]))
     lines = [

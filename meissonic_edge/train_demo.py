@@ -83,8 +83,13 @@ MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # what the sampler passes at 256x25
 # likelier edge tokens, so outlines come out more regular (trained prompts at 256 steps, two seeds: 0.98 at
 # 1, 0.97 at 0.7, 0.99 at 0.5, 0.98 at 0.3). Guidance 1 (none) and 1.5 scored alike at 64 steps (91% and
 # 89%, mean of five seeds); 2 and more did worse (stronger guidance amplifies this small model's tail
-# probabilities into speckles), and without guidance a step costs half.
-GENERATION_DEFAULTS = dict(steps=256, guidance_scale=1.0, token_temperature=0.5, height=256, width=256)
+# probabilities into speckles), and without guidance a step costs half. Gumbel temperature 0 (upstream: 2 going
+# to 0) keeps the most confident tokens first, so a shape's edge tokens come last, each drawn with its
+# neighbours known: held-out prompts at 256 steps, seed 0, adherence 0.93 and outline IoU 0.918 against 0.91
+# and 0.903 (seed 1: 0.96 and 0.919); 0.5 going to 0 gave 0.91 and 0.907.
+GENERATION_DEFAULTS = dict(
+    steps=256, guidance_scale=1.0, temperature=(0.0, 0.0), token_temperature=0.5, height=256, width=256
+)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,9 @@ def test_report_renders_again_from_its_json(bench_run):
     assert markdown(saved) == (out / "report.md").read_text()  # "inf" read back from JSON included
     saved["settings"]["guidance_scale"] = 1.0
     assert "no guidance (model batch 1)" in markdown(saved)
+    assert saved["settings"]["temperature"] == [2.0, 0.0] and "Gumbel" not in markdown(saved)  # upstream's
+    saved["settings"]["temperature"] = [0.0, 0.0]
+    assert "Gumbel temperature 0 to 0" in markdown(saved)
 
 
 def test_sizes_on_disk_come_from_the_bundles(bench_run):
