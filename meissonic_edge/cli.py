@@ -140,6 +140,7 @@ def overrides(args) -> dict:
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "token_temperature": args.token_temperature,
+        "temperature": tuple(args.gumbel_temperature) if args.gumbel_temperature else None,
         "negative_prompt": args.negative_prompt,
         "height": args.height,
         "width": args.width,
@@ -277,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", help='the unconditional prompt (default: "")')
     p.add_argument(
         "--token-temperature", type=number, help="softmax temperature of the token draws (default: the bundle's, or 1)"
+    )
+    p.add_argument(
+        "--gumbel-temperature",
+        type=number,
+        nargs=2,
+        metavar=("FIRST", "LAST"),
+        help="Gumbel noise on the confidence that picks which tokens to keep, first step to last "
+        "(default: the bundle's, or 2 0; 0 0 keeps the most confident first)",
     )
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--height", type=integer, help="pixels (default: 1024)")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from meissonic_edge.cli import main
+from meissonic_edge.cli import build_parser, main, overrides
 
 
 def run(capsys, *argv):
@@ -54,6 +54,7 @@ def test_generate_writes_a_png(tiny_model_dir, tmp_path, capsys):
         (["--height", "40"], "height must be a positive multiple of 32"),
         (["--width", "48"], "width must be a positive multiple of 32"),
         (["--token-temperature", "0"], "token temperature must be > 0"),
+        (["--gumbel-temperature", "1", "-1"], "temperature must be two numbers >= 0"),
     ],
 )
 def test_bad_generation_options(tiny_model_dir, tmp_path, capsys, args, pattern):
@@ -61,6 +62,14 @@ def test_bad_generation_options(tiny_model_dir, tmp_path, capsys, args, pattern)
     code, _, err = run(capsys, "generate", tiny_model_dir, "p", "-o", out, "--height", 64, "--width", 64, *args)
     one_line_error(code, err, pattern)
     assert not out.exists()
+
+
+def test_sampling_options_reach_the_generation_options():
+    args = build_parser().parse_args(
+        ["generate", "m", "p", "--gumbel-temperature", "0.5", "0", "--token-temperature", "0.7", "--seed", "3"]
+    )
+    assert overrides(args) == {"seed": 3, "temperature": (0.5, 0.0), "token_temperature": 0.7}
+    assert overrides(build_parser().parse_args(["generate", "m", "p"])) == {"seed": 0}  # the rest: the bundle's
 
 
 def test_missing_model_dir(tmp_path, capsys):
