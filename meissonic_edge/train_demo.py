@@ -115,7 +115,7 @@ class TrainingRecipe:
     caption_dropout: float = 0.1
     timestep_steps: tuple[int, int] = (8, 64)  # step counts whose timesteps the model is trained on
     # stage 3 forward and backward under bfloat16 autocast: steps ~25% faster on the AMD EPYC the shipped model
-    # was trained on, but 15% slower on a later Intel Xeon (0.56 s against 0.48 s for a step alone)
+    # was trained on, but 16% slower on a later Intel Xeon (0.56 s against 0.48 s for a step alone)
     bf16: bool = True
 
     @classmethod
