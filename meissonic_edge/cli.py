@@ -142,6 +142,7 @@ def overrides(args) -> dict:
         "token_temperature": args.token_temperature,
         "temperature": tuple(args.gumbel_temperature) if args.gumbel_temperature else None,
         "negative_prompt": args.negative_prompt,
+        "strength": args.strength,
         "height": args.height,
         "width": args.width,
     }
@@ -155,14 +156,33 @@ def check_output_path(output: Path) -> None:
         raise OptionsError(f"cannot write {output}: folder {output.parent} does not exist")
 
 
-def cmd_generate(args) -> None:
-    from dataclasses import replace
+def edit_arguments(args) -> dict:
+    """The editing inputs (image, mask, expand) the user gave, checked for what goes together."""
+    from meissonic_edge.editing import parse_expand
 
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--expand", args.expand), ("--strength", args.strength)):
+            if value is not None:
+                raise OptionsError(f"{flag} applies to editing: give --image (the image to edit)")
+        return {}
+    given = [flag for flag, value in (("--height", args.height), ("--width", args.width)) if value is not None]
+    if given:
+        raise OptionsError(f"an edit's size is its image's: drop {' and '.join(given)} (or resize the image first)")
+    expand = parse_expand(args.expand) if args.expand is not None else None
+    return {"image": args.image, "mask": args.mask, "expand": expand}
+
+
+def cmd_generate(args) -> None:
+    from meissonic_edge.editing import edit_options, open_image
     from meissonic_edge.imaging import save_image
     from meissonic_edge.sampler import model_defaults
 
     path, output = Path(args.path), Path(args.output)
     check_output_path(output)
+    edit = edit_arguments(args)
+    if edit:  # read once; every input is checked before any model is loaded
+        edit["image"] = open_image(edit["image"])
+        edit["mask"] = None if edit["mask"] is None else open_image(edit["mask"], "mask")
     if path.is_dir() and is_bundle(path):  # onnxruntime, no torch
         from meissonic_edge.bundle import read_manifest
         from meissonic_edge.runtime import OnnxPipeline, options_from_manifest
@@ -174,8 +194,14 @@ def cmd_generate(args) -> None:
             raise OptionsError(
                 f"{path} is a {manifest['backend']} bundle, which runs in an app: see runtimes/swift/README.md"
             )
-        options = replace(options_from_manifest(manifest), **overrides(args))
-        options.validate(manifest["model"]["token_stride"])  # before any graph is loaded
+        options, _ = edit_options(  # before any graph is loaded
+            options_from_manifest(manifest),
+            overrides(args),
+            **edit_or_none(edit),
+            token_stride=manifest["model"]["token_stride"],
+        )
+        if edit and "vq_encoder" not in manifest["graphs"]:
+            raise OptionsError(f"{path} has no vq_encoder graph, which editing needs: re-export the bundle")
         providers = args.provider.split(",") if args.provider else None
         pipeline = OnnxPipeline(path, providers=providers, threads=args.threads, low_memory=args.low_memory)
     else:  # the PyTorch reference
@@ -183,14 +209,19 @@ def cmd_generate(args) -> None:
         from meissonic_edge.config import TransformerConfig
 
         config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
-        options = replace(model_defaults(path), **overrides(args))
-        options.validate(config.token_stride)  # before any weights are loaded
+        options, _ = edit_options(  # before any weights are loaded
+            model_defaults(path), overrides(args), **edit_or_none(edit), token_stride=config.token_stride
+        )
         from meissonic_edge.pipeline import ReferencePipeline
 
         pipeline = ReferencePipeline.from_model_dir(path, args.text_encoder)
-    image = pipeline.generate(args.prompt, options, progress=not args.quiet).images[0]
+    image = pipeline.generate(args.prompt, options, progress=not args.quiet, **edit).images[0]
     save_image(image, output)
     print(f"wrote {output}")
+
+
+def edit_or_none(edit: dict) -> dict:
+    return edit or {"image": None, "mask": None, "expand": None}
 
 
 def cmd_verify(args) -> None:
@@ -288,8 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the bundle's, or 2 0; 0 0 keeps the most confident first)",
     )
     p.add_argument("--seed", type=integer, default=0)
-    p.add_argument("--height", type=integer, help="pixels (default: 1024)")
-    p.add_argument("--width", type=integer, help="pixels (default: 1024)")
+    p.add_argument("--height", type=integer, help="pixels (default: 1024; an edit's size is its image's)")
+    p.add_argument("--width", type=integer, help="pixels (default: 1024; an edit's size is its image's)")
+    p.add_argument("--image", help="edit this image: img2img alone, inpainting with --mask, outpainting with --expand")
+    p.add_argument("--mask", help="inpainting: white pixels are repainted, black kept; the image's size")
+    p.add_argument(
+        "--expand",
+        metavar="LEFT,TOP,RIGHT,BOTTOM",
+        help="outpainting: grow the canvas by these pixels (stride multiples)",
+    )
+    p.add_argument("--strength", type=number, help="editing: share of the steps run, in (0, 1] (default: 1)")
     p.add_argument("--low-memory", action="store_true", help="bundle: load one graph at a time")
     p.add_argument("--threads", type=integer, help="bundle: onnxruntime intra-op threads")
     p.add_argument("--provider", help="bundle: onnxruntime providers, comma-separated (default: CPU)")

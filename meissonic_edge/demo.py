@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -43,6 +43,7 @@ class DemoResult:
     images: list[Path]
     contact_sheet: Path
     verdicts: list[bool | None]  # the adherence evaluator's judgement; None for prompts outside its grammar
+    edits: list = field(default_factory=list)  # demo_edits.EditResult of the inpainting and outpainting examples
 
 
 def demo_model_dir() -> Path:
@@ -81,8 +82,9 @@ def demo_bundle(output: Path, precision: str, progress: bool = True) -> Path:
     return bundle
 
 
-def contact_sheet(images: list[Image.Image], captions: list[str], verdicts: list[bool | None]) -> Image.Image:
-    """Images in a grid, each with its prompt and the evaluator's verdict underneath."""
+def contact_sheet(images: list[Image.Image], captions: list[str], verdicts: list[bool | str | None]) -> Image.Image:
+    """Images in a grid, each with its prompt and the evaluator's verdict underneath (a string verdict is
+    written as it is: the editing examples' inputs and measures)."""
     width, height = images[0].size
     columns = min(SHEET_COLUMNS, len(images))
     rows = -(-len(images) // columns)
@@ -94,8 +96,8 @@ def contact_sheet(images: list[Image.Image], captions: list[str], verdicts: list
         sheet.paste(image, (x, y))
         cut = caption.find(" at the ") if " at the " in caption else caption.find(" in the ")
         lines = [caption[:cut], caption[cut + 1 :]] if cut > 0 else [caption]
-        verdict = {True: "shows it", False: "MISSES it", None: "not judged"}[ok]
-        lines[-1] = f"{lines[-1]}  [{verdict}]"
+        verdict = ok if isinstance(ok, str) else {True: "shows it", False: "MISSES it", None: "not judged"}[ok]
+        lines[-1] = f"{lines[-1]}  [{verdict}]" if verdict else lines[-1]
         for j, line in enumerate(lines):
             colour = (200, 0, 0) if ok is False else (0, 0, 0)
             pen.text((x + 4, y + height + 3 + 17 * j), line, fill=colour, font=font)
@@ -130,6 +132,7 @@ def run_demo(
 ) -> DemoResult:
     """Export the demo model (or reuse its bundle), generate one image per prompt, write them and a sheet."""
     from meissonic_edge.adherence import judge
+    from meissonic_edge.demo_edits import edit_examples, run_edit
     from meissonic_edge.runtime import OnnxPipeline
 
     output = Path(output)
@@ -149,5 +152,15 @@ def run_demo(
             verdicts.append(judge(image, prompt).satisfied)
         except OptionsError:  # a prompt outside the shapes grammar: nothing to judge it by
             verdicts.append(None)
-    sheet = save_image(contact_sheet(images, prompts, verdicts), output / "contact_sheet.png")
-    return DemoResult(bundle=bundle, images=paths, contact_sheet=sheet, verdicts=verdicts)
+    edits = []
+    tiles, captions, notes = list(images), list(prompts), list(verdicts)
+    for k, example in enumerate(edit_examples()):
+        result = run_edit(pipe, example, seed=seed + len(prompts) + k, progress=progress, **overrides)
+        paths.append(save_image(result.image, images_dir / f"edit-{example.name}.png"))
+        edits.append(result)
+        kept = f"{result.preserved_psnr_db:.1f} dB kept"
+        tiles += [example.preview(), result.image]
+        captions += [f"{example.name} input (hatched: repainted)", f"{example.name} ({kept}): {example.prompt}"]
+        notes += ["", result.satisfied]
+    sheet = save_image(contact_sheet(tiles, captions, notes), output / "contact_sheet.png")
+    return DemoResult(bundle=bundle, images=paths, contact_sheet=sheet, verdicts=verdicts, edits=edits)

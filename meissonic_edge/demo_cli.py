@@ -26,6 +26,13 @@ def cmd_demo(args) -> None:
     print(f"images: {Path(result.images[0]).parent}/ ({len(result.images)} images)")
     if judged:
         print(f"prompt adherence (shape, colour and position all right): {sum(judged)}/{len(judged)}")
+    for edit in result.edits:
+        verdict = "shows" if edit.satisfied else "MISSES"
+        print(f"{edit.name}: {verdict} {edit.prompt!r} (outline IoU {edit.outline_iou:.3f}); ", end="")
+        print(
+            f"preserved region {edit.preserved_psnr_db:.1f} dB PSNR against the input "
+            f"(the input's own VQ round trip: {edit.roundtrip_psnr_db:.1f} dB)"
+        )
     print(f"contact sheet: {result.contact_sheet}")
 
 

@@ -43,6 +43,7 @@ from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.export_tiled import VQDecoderStem, write_layer_graphs
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.guided import GUIDED_GRAPH, guided_reference, write_guided
+from meissonic_edge.pipeline import vq_tokens
 from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.sampler import GenerationOptions, model_defaults
 from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
@@ -176,14 +177,6 @@ class Float16Graph(nn.Module):
         return outputs if isinstance(out, tuple) else outputs[0]
 
 
-def reference_vq_tokens(vqvae, image: torch.Tensor) -> np.ndarray:
-    """diffusers' own quantization of `image`, the yardstick for the VQ encoder graph."""
-    latents = vqvae.encode(image).latents
-    _, _, (_, _, indices) = vqvae.quantize(latents)
-    batch, _, height, width = latents.shape
-    return indices.reshape(batch, height, width).numpy()
-
-
 # ----------------------------------------------------------------------------------------------- the recipe
 
 
@@ -311,7 +304,7 @@ def reference_outputs(component: str, graph: nn.Module, inputs: dict) -> list[np
     """What PyTorch computes for the graph contract of `component` (fp32)."""
     with torch.no_grad():
         if component == "vq_encoder":  # diffusers' own quantizer, not our export wrapper's arithmetic
-            return [reference_vq_tokens(graph.vqvae, inputs["image"])]
+            return [vq_tokens(graph.vqvae, inputs["image"])]
         out = graph(**inputs)
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 

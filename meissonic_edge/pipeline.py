@@ -6,7 +6,6 @@ loop is the shared numpy one in `sampler.py`, so the onnxruntime runtime makes t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,9 @@ from PIL import Image
 
 from meissonic_edge.checkpoint import ModelComponents, load_model_dir
 from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.editing import edit_options
 from meissonic_edge.imaging import to_pil
-from meissonic_edge.sampler import Generation, GenerationOptions, model_defaults, sample
+from meissonic_edge.sampler import EditStart, Generation, GenerationOptions, model_defaults, sample
 
 MAX_TEXT_TOKENS = 77
 
@@ -42,6 +42,14 @@ class TorchDenoiser:
             torch.full((batch,), float(timestep), dtype=dtype),
         )
         return out.float().numpy()
+
+
+def vq_tokens(vqvae, image: torch.Tensor) -> np.ndarray:
+    """diffusers' own encoding and quantization of `image` (B, 3, H, W) in [0, 1] -> tokens (B, H/16, W/16)."""
+    latents = vqvae.encode(image).latents
+    _, _, (_, _, indices) = vqvae.quantize(latents)
+    batch, _, height, width = latents.shape
+    return indices.reshape(batch, height, width).numpy()
 
 
 class ReferencePipeline:
@@ -81,17 +89,30 @@ class ReferencePipeline:
         image = vq.decode(torch.from_numpy(tokens), force_not_quantize=True, shape=shape).sample
         return image.clamp(0, 1).float().numpy()
 
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Images (B, 3, H, W) float32 in [0, 1] -> VQ tokens (B, H/16, W/16)."""
+        return vq_tokens(self.components.vqvae, torch.from_numpy(image).to(self.dtype))
+
     def generate(
         self,
         prompt: str | list[str],
         options: GenerationOptions | None = None,
         progress: bool = False,
         callback=None,
+        image=None,
+        mask=None,
+        expand: tuple[int, int, int, int] | None = None,
         **overrides,
     ) -> Generation:
-        """Generate one image per prompt. `overrides` replace fields of `options` (steps=..., seed=...)."""
-        options = replace(options or self.defaults, **overrides)
-        options.validate(self.config.token_stride)
+        """Generate one image per prompt. `overrides` replace fields of `options` (steps=..., seed=...).
+
+        With `image` (a path or PIL image) it edits: img2img alone, inpainting with `mask` (white = repaint),
+        outpainting with `expand` (left, top, right, bottom pixels); `strength=` sets the share of steps run.
+        """
+        options, edit = edit_options(options or self.defaults, overrides, image, mask, expand, self.config.token_stride)
+        start = None if edit is None else EditStart(self.encode(edit.pixels)[0], edit.repaint)
+        schedule = self.components.scheduler.masking_schedule
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
 
@@ -107,9 +128,10 @@ class ReferencePipeline:
             grid,
             self.components.scheduler.mask_token_id,
             options,
-            schedule=self.components.scheduler.masking_schedule,
+            schedule=schedule if edit is None else edit.schedule(schedule),
             progress=progress,
             callback=callback,
+            start=start,
         )
         return Generation(images=to_pil(self.decode(tokens)), tokens=tokens)
 

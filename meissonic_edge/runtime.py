@@ -8,13 +8,15 @@ The sampling loop is the shared one in `sampler.py`, so a seed gives the same to
 reference. With `low_memory=True` only one graph is loaded at a time: the text encoder, then the
 transformer, then the VQ decoder, each released after use (and its memory handed back to the system, see
 `heap.py`); the VQ decoder is then the tiled one (`tiled_decoder.py`) when the bundle has it.
+
+Editing (img2img, inpainting, outpainting: `editing.py`) encodes the image with the bundle's `vq_encoder`
+first; in low-memory mode that graph too is loaded only while it encodes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,10 @@ from PIL import Image
 
 from meissonic_edge.bundle import BundleError, read_manifest, verify_files
 from meissonic_edge.config import VQ_STRIDE
+from meissonic_edge.editing import edit_options
 from meissonic_edge.heap import release_freed_memory, trim_heap
 from meissonic_edge.imaging import to_pil
-from meissonic_edge.sampler import Generation, GenerationOptions, sample
+from meissonic_edge.sampler import EditStart, Generation, GenerationOptions, sample
 from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
 from meissonic_edge.tokenizer import ClipTokenizer
 
@@ -157,6 +160,13 @@ class OnnxPipeline:
             options.enable_mem_pattern = False
         return options
 
+    def require_encoder(self) -> None:
+        """Editing needs the bundle's VQ encoder: say so before any work if it has none."""
+        if "vq_encoder" not in self.manifest["graphs"]:
+            raise BundleError(
+                f"{self.root} has no vq_encoder graph, which editing needs: re-export the bundle with this version"
+            )
+
     def transformer_graph(self, guided: bool) -> str:
         """The guided graph when there is guidance and the bundle has it, else the plain transformer."""
         return GUIDED_GRAPH if guided and GUIDED_GRAPH in self.manifest["graphs"] else "transformer"
@@ -195,6 +205,12 @@ class OnnxPipeline:
         self.release("text_encoder")
         return text_embeds, hidden
 
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """Images (B, 3, H, W) float32 in [0, 1] -> VQ tokens (B, H/16, W/16)."""
+        tokens = self.session("vq_encoder").run(["tokens"], {"image": image.astype(np.float32, copy=False)})[0]
+        self.release("vq_encoder")
+        return tokens
+
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """VQ tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1].
 
@@ -215,11 +231,24 @@ class OnnxPipeline:
         options: GenerationOptions | None = None,
         progress: bool = False,
         callback: Callable[[int, np.ndarray], None] | None = None,
+        image=None,
+        mask=None,
+        expand: tuple[int, int, int, int] | None = None,
         **overrides,
     ) -> Generation:
-        """Generate one image per prompt; `overrides` replace fields of `options` (default: the bundle's)."""
-        options = replace(options or self.default_options(), **overrides)
-        options.validate(self.model["token_stride"])
+        """Generate one image per prompt; `overrides` replace fields of `options` (default: the bundle's).
+
+        With `image` (a path or PIL image) it edits: img2img alone, inpainting with `mask` (white = repaint),
+        outpainting with `expand` (left, top, right, bottom pixels); `strength=` sets the share of steps run.
+        """
+        options, edit = edit_options(
+            options or self.default_options(), overrides, image, mask, expand, self.model["token_stride"]
+        )
+        start = None
+        if edit is not None:
+            self.require_encoder()
+            start = EditStart(self.encode(edit.pixels)[0], edit.repaint)
+        schedule = self.model["masking_schedule"]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
 
@@ -238,9 +267,10 @@ class OnnxPipeline:
             grid,
             self.model["mask_token_id"],
             options,
-            schedule=self.model["masking_schedule"],
+            schedule=schedule if edit is None else edit.schedule(schedule),
             progress=progress,
             callback=callback,
+            start=start,
         )
         del denoiser
         self.release(graph)

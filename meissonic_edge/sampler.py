@@ -5,6 +5,8 @@ One module, shared by the PyTorch reference pipeline and the onnxruntime runtime
 pick the same tokens. Semantics follow upstream Meissonic's scheduler (MEISSONIC.md, "Sampling"):
 
 - start with every token masked; at step i (of N) the model gets timestep N-1-i;
+- editing starts from the tokens of an image instead (`EditStart`, below) and runs only the last
+  int(N * strength) steps;
 - with guidance (scale > 1) the model batch is [unconditional; conditional] and
   logits = uncond + scale * (cond - uncond);
 - every masked position draws a token from softmax(logits / token_temperature); known tokens are kept
@@ -19,6 +21,18 @@ order, `rng.random((B, h*w))` for the token draws (inverse CDF: the first token 
 probability exceeds u) and, except at the last step, `rng.random((B, h*w))` for the Gumbel noise
 (-log(-log(u))). A seed therefore means the same draws on every machine and in every backend; it
 cannot reproduce upstream's torch-RNG images.
+
+Editing (upstream's img2img and inpaint pipelines). With strength s, the first step run is
+first = N - int(N * s); steps, timesteps and temperatures keep their indices in the whole schedule.
+- img2img: before step `first` one more draw, `rng.random((B, h*w))`, masks each of the image's tokens whose
+  u < mask_ratio(first - 1), the share the schedule leaves masked before step `first` (1 when first = 0, so
+  strength 1 ignores the image). Upstream takes that ratio from `timesteps[first - 1]`, which at strength 1
+  wraps around to the last timestep and masks almost nothing; ours masks everything there.
+- inpainting and outpainting: the positions to repaint are masked, nothing is drawn, and each step's
+  mask_len is scaled by the starting mask ratio (the repainted share of the grid), as upstream's scheduler
+  does with `starting_mask_ratio`.
+Either way a token that is not masked at the start is never drawn or masked again: preserved positions keep
+the image's tokens at every step.
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ class GenerationOptions:
     token_temperature: float = 1.0  # softmax temperature of the token draws; < 1 draws likelier tokens
     aesthetic_score: float = 6.0  # micro-condition (the LAION aesthetic score asked for)
     crop: tuple[int, int] = field(default=(0, 0))  # micro-condition: crop coordinates (x, y)
+    strength: float = 1.0  # editing: share of the schedule's steps run on the image (1: all of them)
 
     @property
     def guided(self) -> bool:
@@ -77,6 +92,22 @@ class GenerationOptions:
             raise OptionsError(f"temperature must be two numbers >= 0 (first, last), got {self.temperature!r}")
         if not math.isfinite(self.token_temperature) or self.token_temperature <= 0:
             raise OptionsError(f"token temperature must be > 0, got {self.token_temperature}")
+        if not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1:
+            raise OptionsError(f"strength must be in (0, 1], got {self.strength!r}")
+        if self.steps_run < 1:
+            raise OptionsError(
+                f"strength {self.strength} of {self.steps} steps runs no step (int(steps x strength) = 0): "
+                "raise the strength or the steps"
+            )
+
+    @property
+    def first_step(self) -> int:
+        """Index of the first step run: steps - int(steps * strength) (0 for text-to-image)."""
+        return self.steps - self.steps_run
+
+    @property
+    def steps_run(self) -> int:
+        return int(self.steps * self.strength)
 
     def micro_conds(self) -> np.ndarray:
         """[width, height, crop_x, crop_y, aesthetic score], float32 (upstream's order)."""
@@ -107,6 +138,15 @@ def model_defaults(model_dir: str | Path | None) -> GenerationOptions:
         raise OptionsError(f"{path}: {e}") from None
     options.validate()
     return options
+
+
+@dataclass(frozen=True)
+class EditStart:
+    """Where an edit starts: the image's tokens (h, w), and for inpainting and outpainting the positions to
+    repaint (h, w), True = repaint. Without `repaint` it is img2img: the sampler masks tokens at random."""
+
+    tokens: np.ndarray
+    repaint: np.ndarray | None = None
 
 
 @dataclass
@@ -184,8 +224,12 @@ def masked_step(
     rng: np.random.Generator,
     schedule: str = "cosine",
     token_temperature: float = 1.0,
+    starting_mask_ratio: float = 1.0,
 ) -> np.ndarray:
-    """One step of the scheduler: draw the unknown tokens, then re-mask the least confident ones."""
+    """One step of the scheduler: draw the unknown tokens, then re-mask the least confident ones.
+
+    `starting_mask_ratio` scales the share left masked (inpainting: the share of the grid repainted).
+    """
     batch, seq_len = tokens.shape
     unknown = tokens == mask_token_id
     u = rng.random((batch, seq_len))
@@ -197,12 +241,13 @@ def masked_step(
     if step == steps - 1:
         return result
 
-    mask_len = math.floor(seq_len * mask_ratio(step, steps, schedule))
+    mask_len = math.floor(seq_len * starting_mask_ratio * mask_ratio(step, steps, schedule))
     gumbel = -np.log(np.maximum(-np.log(np.maximum(rng.random((batch, seq_len)), 1e-20)), 1e-20))
     confidence = np.maximum(log_probs, np.log(1e-20)) + temperature * gumbel
     confidence[~unknown] = np.inf  # decided tokens are never masked again
     for b in range(batch):
-        count = max(1, min(mask_len, int(unknown[b].sum()) - 1))
+        masked = int(unknown[b].sum())
+        count = max(1, min(mask_len, masked - 1)) if masked else 0  # nothing masked: nothing to re-mask
         least_confident = np.argsort(confidence[b], kind="stable")[:count]
         result[b, least_confident] = mask_token_id
     return result
@@ -217,14 +262,20 @@ def sample(
     schedule: str = "cosine",
     progress: bool = False,
     callback: Callable[[int, np.ndarray], None] | None = None,
+    start: EditStart | None = None,
 ) -> np.ndarray:
-    """Run all steps; return the final tokens (B, h, w). `callback(step, tokens)` sees every step."""
+    """Run the steps; return the final tokens (B, h, w). `callback(step, tokens)` sees every step run.
+
+    Without `start` every token starts masked (text-to-image); with it, the edit starts from an image's
+    tokens (see the module's docstring).
+    """
     height, width = grid
     rng = np.random.default_rng(options.seed)
-    tokens = np.full((batch, height * width), mask_token_id, dtype=np.int64)
+    tokens, starting_mask_ratio = start_tokens(start, batch, height * width, mask_token_id, options, schedule, rng)
     temperatures = options.temperatures()
     guided_inside = getattr(denoiser, "applies_guidance", False)
-    for step in tqdm(range(options.steps), desc="sampling", disable=not progress, leave=False):
+    steps = range(options.first_step, options.steps)
+    for step in tqdm(steps, desc="sampling", disable=not progress, leave=False):
         model_tokens = np.concatenate([tokens, tokens]) if options.guided else tokens
         logits = denoiser.logits(model_tokens.reshape(-1, height, width), options.steps - 1 - step)
         if options.guided and not guided_inside:
@@ -239,8 +290,36 @@ def sample(
             rng,
             schedule,
             options.token_temperature,
+            starting_mask_ratio,
         )
         del logits  # the next step's logits must not meet these in memory
         if callback is not None:
             callback(step, tokens.reshape(batch, height, width))
     return tokens.reshape(batch, height, width)
+
+
+def start_tokens(
+    start: EditStart | None,
+    batch: int,
+    seq_len: int,
+    mask_token_id: int,
+    options: GenerationOptions,
+    schedule: str,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, float]:
+    """The tokens (B, h*w) before the first step run, and the starting mask ratio of the steps."""
+    if start is None:
+        if options.first_step:
+            raise OptionsError("strength applies to editing (an input image); text-to-image runs every step")
+        return np.full((batch, seq_len), mask_token_id, dtype=np.int64), 1.0
+    image = np.asarray(start.tokens, dtype=np.int64).reshape(1, -1)
+    if image.shape[1] != seq_len:
+        raise OptionsError(f"the edit's tokens cover {image.shape[1]} positions, the grid has {seq_len}")
+    image = np.repeat(image, batch, axis=0)
+    if start.repaint is not None:
+        repaint = np.broadcast_to(np.asarray(start.repaint, dtype=bool).reshape(1, -1), image.shape)
+        return np.where(repaint, mask_token_id, image), float(repaint[0].mean())
+    first = options.first_step
+    ratio = 1.0 if first == 0 else mask_ratio(first - 1, options.steps, schedule)
+    masked = rng.random((batch, seq_len)) < ratio
+    return np.where(masked, mask_token_id, image), 1.0
