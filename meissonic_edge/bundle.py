@@ -19,6 +19,7 @@ import hashlib
 import json
 from pathlib import Path, PurePosixPath
 
+from meissonic_edge.config import MASKING_SCHEDULES, VQ_STRIDE
 from meissonic_edge.errors import MeissonicError
 
 FORMAT = "meissonic-edge-bundle"
@@ -26,6 +27,15 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "transformer", "vq_decoder", "vq_encoder")
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vq_decoder")  # vq_encoder is for apps (img2img, inpainting)
+MODEL_KEYS = {"mask_token_id": int, "codebook_size": int, "token_stride": int, "masking_schedule": str}
+# (graph, input or output, the manifest `model` key its last dimension must equal); variants follow their graph
+STATIC_DIMS = (
+    ("text_encoder", "text_embeds", "pooled_projection_dim"),
+    ("text_encoder", "hidden_states", "text_hidden_size"),
+    ("transformer", "encoder_hidden_states", "text_hidden_size"),
+    ("transformer", "text_embeds", "pooled_projection_dim"),
+    ("transformer", "logits", "codebook_size"),
+)
 
 
 class BundleError(MeissonicError):
@@ -85,7 +95,65 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     for name in REQUIRED_GRAPHS:
         if name not in manifest["graphs"]:
             raise BundleError(f"{path}: no {name} graph")
+    check_model_section(manifest["model"], path)
+    for name, graph in manifest["graphs"].items():
+        check_graph_entry(name, graph, manifest["model"], path)
     return manifest
+
+
+def check_model_section(model: dict, path: Path) -> None:
+    """The values a runtime drives the graphs with: present, of the right type, and consistent."""
+    for key, kind in MODEL_KEYS.items():
+        value = model.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BundleError(f"{path}: model.{key} must be {kind.__name__}, got {value!r} (re-export the bundle)")
+    if model["masking_schedule"] not in MASKING_SCHEDULES:
+        raise BundleError(
+            f"{path}: model.masking_schedule {model['masking_schedule']!r} is not one of {', '.join(MASKING_SCHEDULES)}"
+        )
+    vocab_size = model.get("vocab_size")
+    upper = vocab_size if isinstance(vocab_size, int) else None
+    if model["mask_token_id"] < model["codebook_size"] or (upper is not None and model["mask_token_id"] >= upper):
+        raise BundleError(
+            f"{path}: model.mask_token_id {model['mask_token_id']} is outside [codebook_size, vocab_size) = "
+            f"[{model['codebook_size']}, {upper if upper is not None else '...'})"
+        )
+    if model.get("vq_stride", VQ_STRIDE) != VQ_STRIDE:
+        raise BundleError(f"{path}: model.vq_stride {model['vq_stride']} != {VQ_STRIDE}, the only VQ stride we run")
+    compression = model.get("feature_compression")
+    strides = (VQ_STRIDE * (2 if compression else 1),) if isinstance(compression, bool) else (VQ_STRIDE, 2 * VQ_STRIDE)
+    if model["token_stride"] not in strides:
+        raise BundleError(
+            f"{path}: model.token_stride {model['token_stride']} != {' or '.join(map(str, strides))} "
+            f"(vq_stride {VQ_STRIDE}, feature_compression {compression})"
+        )
+
+
+def check_graph_entry(name: str, graph: dict, model: dict, path: Path) -> None:
+    """A graph entry names its file, and its inputs and outputs (when listed) agree with the model section."""
+    if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+        raise BundleError(f"{path}: graph {name} names no file")
+    specs = {}
+    for kind in ("inputs", "outputs"):
+        for spec in graph.get(kind, []):
+            if not (
+                isinstance(spec, dict)
+                and isinstance(spec.get("name"), str)
+                and isinstance(spec.get("dtype"), str)
+                and isinstance(spec.get("shape"), list)
+            ):
+                raise BundleError(f"{path}: graph {name} has an {kind[:-1]} without name, dtype and shape: {spec!r}")
+            specs[spec["name"]] = spec["shape"]
+    role = graph.get("variant_of", name)
+    for graph_name, io_name, key in STATIC_DIMS:
+        shape = specs.get(io_name)
+        if graph_name != role or not shape or not isinstance(shape[-1], int) or not isinstance(model.get(key), int):
+            continue
+        if shape[-1] != model[key]:
+            raise BundleError(
+                f"{path}: graph {name} {io_name} has last dimension {shape[-1]} but model.{key} is {model[key]} "
+                "(the manifest was edited or mixes two exports; re-export the bundle)"
+            )
 
 
 def graph_files(graph: dict) -> list[str]:

@@ -94,23 +94,12 @@ def transformer_folder(model_dir: Path) -> Path:
     raise ModelDirError(f"no transformer/ folder in {model_dir}")
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, config: Path) -> None:
     """Strict key and shape match, explained: which tensors are missing, unexpected or misshapen."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise WeightsError(f"{source}: tensors do not match the config: {'; '.join(parts)}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise WeightsError(
-                f"{source}: tensor {key} has shape {list(state[key].shape)} but the config implies {list(tensor.shape)}"
-            )
+    from meissonic_edge.consistency import compare_shapes
+
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    compare_shapes(expected, {k: list(v.shape) for k, v in state.items()}, str(source), str(config))
 
 
 def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> MeissonicTransformer:
@@ -124,7 +113,7 @@ def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32) 
     state = read_state_dict(files)
     with torch.device("meta"):
         model = MeissonicTransformer(config)
-    check_state_dict(model, state, files[0])
+    check_state_dict(model, state, files[0], folder / "config.json")
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
@@ -240,10 +229,12 @@ class ModelComponents:
 def load_model_dir(
     model_dir: str | Path, text_encoder_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> ModelComponents:
-    """Load every component of a local model directory (configs are checked before any weights load)."""
+    """Load every component of a local model directory (its consistency is checked before any weights load)."""
+    from meissonic_edge.consistency import check_model_dir
+
+    check_model_dir(model_dir, text_encoder_dir)
     model_dir = require_dir(model_dir, "model directory")
     scheduler = load_scheduler_config(model_dir)
-    TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
     tokenizer = load_clip_tokenizer(model_dir, text_encoder_dir)
     components = ModelComponents(
         transformer=load_transformer(model_dir, dtype),
@@ -257,28 +248,12 @@ def load_model_dir(
 
 
 def check_compatible(c: ModelComponents) -> None:
-    """The components must agree on the widths and ids they exchange."""
+    """The loaded components must agree on the widths and ids they exchange (the rules of `consistency.py`)."""
+    from meissonic_edge.consistency import check_mask_token, check_text_encoder_config, check_vq_config, text_config
+
     t = c.transformer.config
-    te = c.text_encoder.config
-    vq = c.vqvae.config
-    problems = []
-    if te.hidden_size != t.joint_attention_dim:
-        problems.append(
-            f"text encoder width {te.hidden_size} != transformer joint_attention_dim {t.joint_attention_dim}"
-        )
-    if te.projection_dim != t.pooled_projection_dim:
-        problems.append(
-            f"text encoder projection_dim {te.projection_dim} != transformer pooled_projection_dim "
-            f"{t.pooled_projection_dim}"
-        )
-    if vq.num_vq_embeddings != t.codebook_size:
-        problems.append(f"VQ codebook {vq.num_vq_embeddings} != transformer codebook_size {t.codebook_size}")
-    if not (t.codebook_size <= c.scheduler.mask_token_id < t.vocab_size):
-        problems.append(
-            f"mask_token_id {c.scheduler.mask_token_id} must lie in [codebook_size, vocab_size) = "
-            f"[{t.codebook_size}, {t.vocab_size})"
-        )
-    if len(vq.block_out_channels) != 5:
-        problems.append(f"the VQ must downsample 16x (5 levels), it has {len(vq.block_out_channels)}")
-    if problems:
-        raise ModelDirError("incompatible components: " + "; ".join(problems))
+    te = text_config(c.text_encoder.config.to_dict(), "the text encoder's config")
+    vq = {**c.vqvae.config, "block_out_channels": list(c.vqvae.config.block_out_channels)}
+    check_text_encoder_config(te, "the text encoder's config", t, "the transformer's config")
+    check_vq_config(vq, "the VQ's config", t, "the transformer's config")
+    check_mask_token(c.scheduler.mask_token_id, "the scheduler's config", t, "the transformer's config")

@@ -15,6 +15,7 @@ from pathlib import Path
 from meissonic_edge.errors import ConfigError, ModelDirError
 
 VQ_STRIDE = 16  # pixels per VQ token along each side (the f=16 VQ-GAN)
+MASKING_SCHEDULES = ("cosine", "linear")  # share of tokens still masked after each step (sampler.mask_ratio)
 
 
 def read_json(path: Path) -> dict:
@@ -141,7 +142,7 @@ class SchedulerConfig:
     masking_schedule: str = "cosine"  # share of tokens still masked after each step: "cosine" or "linear"
 
     def validate(self, source: str = "scheduler config") -> None:
-        if self.masking_schedule not in ("cosine", "linear"):
+        if self.masking_schedule not in MASKING_SCHEDULES:
             raise ConfigError(f"{source}: masking_schedule must be 'cosine' or 'linear', got {self.masking_schedule!r}")
         if self.mask_token_id < 0:
             raise ConfigError(f"{source}: mask_token_id must be >= 0, got {self.mask_token_id}")
