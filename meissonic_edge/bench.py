@@ -494,7 +494,9 @@ def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, t
     """Every problem with the arguments, raised before any work; returns the prompts."""
     from meissonic_edge.checkpoint import transformer_folder
     from meissonic_edge.config import TransformerConfig
+    from meissonic_edge.consistency import check_model_dir
 
+    check_model_dir(model_dir)
     stride = TransformerConfig.from_json_file(transformer_folder(Path(model_dir)) / "config.json").token_stride
     if isinstance(variants, str) or not variants:
         raise OptionsError("no variants to benchmark: give a list of precisions or recipes, e.g. ['fp32', 'fp16']")

@@ -56,6 +56,7 @@ from meissonic_edge import __version__
 from meissonic_edge.bundle import write_manifest
 from meissonic_edge.checkpoint import load_clip_tokenizer, load_scheduler_config, transformer_folder
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
+from meissonic_edge.consistency import check_model_dir
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.export_onnx import (
     MIN_PSNR_DB,
@@ -819,6 +820,7 @@ def export_coreml(
     """
     model_dir = Path(model_dir)
     text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
+    check_model_dir(model_dir, text_encoder_dir)  # every file agrees with the others, before any work
     scheduler = load_scheduler_config(model_dir)
     config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
     plan = make_plan(precision, minimum_target, sizes, transformer_batch, config)

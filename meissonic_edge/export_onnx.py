@@ -39,6 +39,7 @@ from meissonic_edge.checkpoint import (
     transformer_folder,
 )
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
+from meissonic_edge.consistency import check_model_dir
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.export_tiled import VQDecoderStem, write_layer_graphs
 from meissonic_edge.fileio import atomic_directory
@@ -622,6 +623,7 @@ def export_onnx(
     recipe = parse_recipe(precision, int4_settings)
     model_dir = Path(model_dir)
     text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
+    check_model_dir(model_dir, text_encoder_dir)  # every file agrees with the others, before any work
     scheduler = load_scheduler_config(model_dir)
     config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
     GenerationOptions(height=check_size[0], width=check_size[1]).validate(config.token_stride)
@@ -708,6 +710,7 @@ def verify_parity(
 
     bundle_dir, model_dir = Path(bundle_dir), Path(model_dir)
     text_encoder_dir = Path(text_encoder_dir) if text_encoder_dir else None
+    check_model_dir(model_dir, text_encoder_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
     tokenizer_dir = bundle_dir / manifest["tokenizer"]["dir"]

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
-from meissonic_edge.errors import ModelDirError, OptionsError
+from meissonic_edge.errors import OptionsError
 from meissonic_edge.model import (
     MICRO_COND_WIDTH,
     MeissonicTransformer,
@@ -392,11 +392,13 @@ def measure_sensitivity(
     Returns one entry per group in forward order, then the all-groups entry (scope "all", name ALL_GROUPS).
     """
     from meissonic_edge.checkpoint import load_scheduler_config, load_transformer, transformer_folder
+    from meissonic_edge.consistency import check_model_dir
 
     began = time.perf_counter()
     if prompts is None:
         prompts = DEFAULT_PROMPTS
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_model_dir(model_dir, text_encoder_dir)
     config = TransformerConfig.from_json_file(transformer_folder(Path(model_dir)) / "config.json")
     check_settings(config, size, steps, prompts, block_size)
     scheduler = load_scheduler_config(model_dir)
@@ -407,11 +409,6 @@ def measure_sensitivity(
     texts = [options.negative_prompt] * len(prompts) + prompts if options.guided else prompts
     text_embeds, hidden = encode_prompts(model_dir, texts, text_encoder_dir)
     gc.collect()  # the text encoder is no longer needed: free it before the transformer loads
-    if hidden.shape[-1] != config.joint_attention_dim or text_embeds.shape[-1] != config.pooled_projection_dim:
-        raise ModelDirError(
-            f"text encoder widths {hidden.shape[-1]}/{text_embeds.shape[-1]} do not match the transformer's "
-            f"joint_attention_dim/pooled_projection_dim {config.joint_attention_dim}/{config.pooled_projection_dim}"
-        )
 
     logger.info("loading the transformer")
     model = load_transformer(model_dir).requires_grad_(False)
