@@ -5,6 +5,8 @@ layout: a 256x256 text-to-image model of one coloured shape on a plain backgroun
 with the same exporter and parity checks as any model (int8 by default), runs the bundle with the
 onnxruntime runtime, judges each image with the adherence evaluator, and writes the images and a contact
 sheet. Half of the default prompts ask for colour/shape pairs the model never saw together in training.
+The sheet's last row is an inpainting and an outpainting of drawn scenes (`demo_edits.py`), judged and
+measured the same way; their inputs are written to `edit-inputs/`.
 """
 
 from __future__ import annotations
@@ -154,7 +156,12 @@ def run_demo(
             verdicts.append(None)
     edits = []
     tiles, captions, notes = list(images), list(prompts), list(verdicts)
+    inputs_dir = output / "edit-inputs"  # the examples' inputs, for trying `generate --image` on them
+    inputs_dir.mkdir(exist_ok=True)
     for k, example in enumerate(edit_examples()):
+        save_image(example.image, inputs_dir / f"{example.name}-image.png")
+        if example.mask is not None:
+            save_image(example.mask, inputs_dir / f"{example.name}-mask.png")
         result = run_edit(pipe, example, seed=seed + len(prompts) + k, progress=progress, **overrides)
         paths.append(save_image(result.image, images_dir / f"edit-{example.name}.png"))
         edits.append(result)

@@ -102,6 +102,29 @@ def options_from_manifest(manifest: dict) -> GenerationOptions:
         raise BundleError(f"manifest defaults are incomplete: {e}") from None
 
 
+def session_options(name: str, threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
+    """onnxruntime's settings for the graph `name`: the runtime's memory policy for low-memory mode."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not low_memory:
+        return options
+    if name in ("transformer", GUIDED_GRAPH):
+        # The transformer runs the same shapes every step: it keeps its arena (without one it peaked at
+        # 6.1 GB instead of 1.5 GB and its first step took 20 s instead of 8 s, meissonic int4 at 1024x1024)
+        # but plans no memory pattern, a block sized for every intermediate allocated up front: 1086 MiB
+        # peak instead of 1199 MiB at the same speed (block-128 int4 bundle, guided, 1024x1024).
+        options.enable_mem_pattern = False
+    elif name != TILED_GRAPH:
+        # Graphs that run once (text encoder, VQ graphs): no arena and no memory pattern, so tensors live
+        # only as long as they are needed. The untiled VQ decoder at 1024x1024 peaks at 4.6 GB instead of
+        # 10.8 GB. The tiled decoder's layer graphs run strip after strip and keep their arena.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    return options
+
+
 class OnnxPipeline:
     """Prompt -> image from an exported bundle."""
 
@@ -140,25 +163,7 @@ class OnnxPipeline:
     # ---- sessions
 
     def session_options(self, name: str) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        if not self.low_memory:
-            return options
-        if name in ("transformer", GUIDED_GRAPH):
-            # The transformer runs the same shapes every step: it keeps its arena (without one it peaked at
-            # 6.1 GB instead of 1.5 GB and its first step took 20 s instead of 8 s, meissonic int4 at 1024x1024)
-            # but plans no memory pattern, a block sized for every intermediate allocated up front: 1086 MiB
-            # peak instead of 1199 MiB at the same speed (block-128 int4 bundle, guided, 1024x1024).
-            options.enable_mem_pattern = False
-        elif name != TILED_GRAPH:
-            # Graphs that run once (text encoder, VQ graphs): no arena and no memory pattern, so tensors live
-            # only as long as they are needed. The untiled VQ decoder at 1024x1024 peaks at 4.6 GB instead of
-            # 10.8 GB. The tiled decoder's layer graphs run strip after strip and keep their arena.
-            options.enable_cpu_mem_arena = False
-            options.enable_mem_pattern = False
-        return options
+        return session_options(name, self.threads, self.low_memory)
 
     def require_encoder(self) -> None:
         """Editing needs the bundle's VQ encoder: say so before any work if it has none."""
