@@ -495,6 +495,7 @@ def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, t
     from meissonic_edge.checkpoint import transformer_folder
     from meissonic_edge.config import TransformerConfig
     from meissonic_edge.consistency import check_model_dir
+    from meissonic_edge.quantize import parse_recipe
 
     check_model_dir(model_dir)
     stride = TransformerConfig.from_json_file(transformer_folder(Path(model_dir)) / "config.json").token_stride
@@ -511,6 +512,8 @@ def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, t
         if name in names:
             raise OptionsError(f"variants {names[name]!r} and {spec!r} would share the folder name {name!r}")
         names[name] = spec
+    for spec in variants:
+        parse_recipe(spec)  # an unknown precision or a bad recipe file, before any bundle is exported
     if not sizes:
         raise OptionsError("no image sizes to benchmark: give at least one, e.g. 512")
     for size in sizes:

@@ -150,39 +150,36 @@ def overrides(args) -> dict:
 
 
 def check_output_path(output: Path) -> None:
+    from meissonic_edge.imaging import image_format
+
     if output.is_dir():
         raise OptionsError(f"cannot write {output}: it is a directory")
     if str(output.parent) and not output.parent.is_dir():
         raise OptionsError(f"cannot write {output}: folder {output.parent} does not exist")
+    image_format(output)
 
 
 def edit_arguments(args) -> dict:
-    """The editing inputs (image, mask, expand) the user gave, checked for what goes together."""
-    from meissonic_edge.editing import parse_expand
+    """The editing inputs the user gave (image, mask, expand), read now: before any model is loaded."""
+    from meissonic_edge.editing import open_image, parse_expand
 
-    if args.image is None:
-        for flag, value in (("--mask", args.mask), ("--expand", args.expand), ("--strength", args.strength)):
-            if value is not None:
-                raise OptionsError(f"{flag} applies to editing: give --image (the image to edit)")
-        return {}
-    given = [flag for flag, value in (("--height", args.height), ("--width", args.width)) if value is not None]
-    if given:
-        raise OptionsError(f"an edit's size is its image's: drop {' and '.join(given)} (or resize the image first)")
-    expand = parse_expand(args.expand) if args.expand is not None else None
-    return {"image": args.image, "mask": args.mask, "expand": expand}
+    return {
+        "image": None if args.image is None else open_image(args.image),
+        "mask": None if args.mask is None else open_image(args.mask, "mask"),
+        "expand": None if args.expand is None else parse_expand(args.expand),
+    }
 
 
 def cmd_generate(args) -> None:
-    from meissonic_edge.editing import edit_options, open_image
+    from meissonic_edge.editing import edit_options
     from meissonic_edge.imaging import save_image
     from meissonic_edge.sampler import model_defaults
 
     path, output = Path(args.path), Path(args.output)
     check_output_path(output)
+    if args.threads is not None and args.threads < 1:
+        raise OptionsError(f"threads must be an integer >= 1, got {args.threads}")
     edit = edit_arguments(args)
-    if edit:  # read once; every input is checked before any model is loaded
-        edit["image"] = open_image(edit["image"])
-        edit["mask"] = None if edit["mask"] is None else open_image(edit["mask"], "mask")
     if path.is_dir() and is_bundle(path):  # onnxruntime, no torch
         from meissonic_edge.bundle import read_manifest
         from meissonic_edge.runtime import OnnxPipeline, options_from_manifest
@@ -194,13 +191,9 @@ def cmd_generate(args) -> None:
             raise OptionsError(
                 f"{path} is a {manifest['backend']} bundle, which runs in an app: see runtimes/swift/README.md"
             )
-        options, _ = edit_options(  # before any graph is loaded
-            options_from_manifest(manifest),
-            overrides(args),
-            **edit_or_none(edit),
-            token_stride=manifest["model"]["token_stride"],
-        )
-        if edit and "vq_encoder" not in manifest["graphs"]:
+        stride = manifest["model"]["token_stride"]
+        options, _ = edit_options(options_from_manifest(manifest), overrides(args), stride, **edit)  # before loading
+        if edit["image"] is not None and "vq_encoder" not in manifest["graphs"]:
             raise OptionsError(f"{path} has no vq_encoder graph, which editing needs: re-export the bundle")
         providers = args.provider.split(",") if args.provider else None
         pipeline = OnnxPipeline(path, providers=providers, threads=args.threads, low_memory=args.low_memory)
@@ -209,19 +202,13 @@ def cmd_generate(args) -> None:
         from meissonic_edge.config import TransformerConfig
 
         config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
-        options, _ = edit_options(  # before any weights are loaded
-            model_defaults(path), overrides(args), **edit_or_none(edit), token_stride=config.token_stride
-        )
+        options, _ = edit_options(model_defaults(path), overrides(args), config.token_stride, **edit)  # before loading
         from meissonic_edge.pipeline import ReferencePipeline
 
         pipeline = ReferencePipeline.from_model_dir(path, args.text_encoder)
     image = pipeline.generate(args.prompt, options, progress=not args.quiet, **edit).images[0]
     save_image(image, output)
     print(f"wrote {output}")
-
-
-def edit_or_none(edit: dict) -> dict:
-    return edit or {"image": None, "mask": None, "expand": None}
 
 
 def cmd_verify(args) -> None:
@@ -294,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-tiled-decoder",
         action="store_true",
-        help="ONNX: leave out vq_decoder_tiled/, the VQ decoder of --low-memory (210 MB at full size)",
+        help="ONNX: leave out vq_decoder_tiled/ and vq_encoder_tiled/, the VQ decoder and encoder of --low-memory "
+        "(210 MB and 203 MB at full size)",
     )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

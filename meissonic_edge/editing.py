@@ -180,10 +180,10 @@ def outpaint(image: Image.Image, expand: tuple[int, int, int, int]) -> Edit:
 def edit_options(
     options: GenerationOptions,
     overrides: dict,
-    image: str | Path | Image.Image | None,
-    mask: str | Path | Image.Image | None,
-    expand: tuple[int, int, int, int] | None,
     token_stride: int,
+    image: str | Path | Image.Image | None = None,
+    mask: str | Path | Image.Image | None = None,
+    expand: tuple[int, int, int, int] | None = None,
 ) -> tuple[GenerationOptions, Edit | None]:
     """The options of one generation (`overrides` replacing fields of `options`) and its edit, if any, checked.
 
@@ -199,7 +199,7 @@ def edit_options(
         return options, None
     given = [name for name in ("height", "width") if name in overrides]
     if given:
-        raise OptionsError(f"an edit's size is its image's: drop {' and '.join(given)} (or resize the image first)")
+        raise OptionsError(f"an edit's size is its image's: leave out {' and '.join(given)} or resize the image")
     edit = plan_edit(image, mask, expand, token_stride)
     options = replace(options, **overrides, height=edit.height, width=edit.width)
     options.validate(token_stride)

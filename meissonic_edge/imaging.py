@@ -18,15 +18,21 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def image_format(path: Path) -> str:
+    """Pillow's format name for the file name's extension; OptionsError for one it cannot write."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise OptionsError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    return fmt
+
+
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Write `image` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OptionsError(f"cannot write {path}: folder {folder} does not exist")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise OptionsError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    fmt = image_format(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as e:

@@ -110,7 +110,7 @@ class ReferencePipeline:
         With `image` (a path or PIL image) it edits: img2img alone, inpainting with `mask` (white = repaint),
         outpainting with `expand` (left, top, right, bottom pixels); `strength=` sets the share of steps run.
         """
-        options, edit = edit_options(options or self.defaults, overrides, image, mask, expand, self.config.token_stride)
+        options, edit = edit_options(options or self.defaults, overrides, self.config.token_stride, image, mask, expand)
         start = None if edit is None else EditStart(self.encode(edit.pixels)[0], edit.repaint)
         schedule = self.components.scheduler.masking_schedule
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

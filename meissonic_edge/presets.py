@@ -187,6 +187,8 @@ def make_random(
     """
     if preset not in PRESETS:
         raise OptionsError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if not isinstance(seed, int) or seed < 0:
+        raise OptionsError(f"seed must be an integer >= 0, got {seed!r}")
     spec = PRESETS[preset]
     transformer = spec.transformer
     if feature_compression is not None:

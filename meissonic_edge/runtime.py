@@ -247,7 +247,7 @@ class OnnxPipeline:
         outpainting with `expand` (left, top, right, bottom pixels); `strength=` sets the share of steps run.
         """
         options, edit = edit_options(
-            options or self.default_options(), overrides, image, mask, expand, self.model["token_stride"]
+            options or self.default_options(), overrides, self.model["token_stride"], image, mask, expand
         )
         start = None
         if edit is not None:
