@@ -157,8 +157,8 @@ def check_graph_entry(name: str, graph: dict, model: dict, path: Path) -> None:
 
 
 def graph_files(graph: dict) -> list[str]:
-    """Every bundle file of one manifest graph entry: its graph, its external data, and (the tiled VQ decoder)
-    the graph of each of its layers."""
+    """Every bundle file of one manifest graph entry: its graph, its external data, and (the tiled VQ decoder
+    and encoder) the graph of each of its layers."""
     layers = [path for op in graph.get("ops", []) for key, path in op.items() if key != "kind"]
     return [graph.get("file"), *graph.get("external_data", []), *layers]
 

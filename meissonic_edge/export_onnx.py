@@ -41,13 +41,20 @@ from meissonic_edge.checkpoint import (
 from meissonic_edge.config import VQ_STRIDE, TransformerConfig
 from meissonic_edge.consistency import check_model_dir
 from meissonic_edge.errors import MeissonicError, OptionsError
-from meissonic_edge.export_tiled import VQDecoderStem, write_layer_graphs
+from meissonic_edge.export_tiled import (
+    VQDecoderStem,
+    VQEncoderTail,
+    nearest_codebook_entry,
+    write_encoder_layer_graphs,
+    write_layer_graphs,
+)
 from meissonic_edge.fileio import atomic_directory
 from meissonic_edge.guided import GUIDED_GRAPH, guided_reference, write_guided
 from meissonic_edge.pipeline import vq_tokens
 from meissonic_edge.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.sampler import GenerationOptions, model_defaults
 from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
+from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
 from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -154,10 +161,7 @@ class VQEncoderGraph(nn.Module):
         self.vqvae = vqvae
 
     def forward(self, image):
-        latents = self.vqvae.encode(image).latents.permute(0, 2, 3, 1)  # (B, h, w, C)
-        codebook = self.vqvae.quantize.embedding.weight  # (K, C)
-        distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T  # |z|^2 is the same for every entry
-        return distances.argmin(-1)  # (B, h, w)
+        return nearest_codebook_entry(self.vqvae, self.vqvae.encode(image).latents)  # (B, h, w)
 
 
 class Float16Graph(nn.Module):
@@ -488,7 +492,7 @@ def compare_tiled(bundle_dir: Path, entry: dict, tokens: np.ndarray, reference: 
     return require(TILED_GRAPH, checks)
 
 
-def export_vq_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision) -> dict:
+def export_vq_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrecision, tiled: bool = True) -> dict:
     batch = torch.export.Dim("batch", min=1, max=64)
     height, width = torch.export.Dim("grid_h", min=1, max=512), torch.export.Dim("grid_w", min=1, max=512)
 
@@ -496,7 +500,50 @@ def export_vq_encoder(load, inputs: dict, out_dir: Path, settings: ComponentPrec
         sample = (inputs["image"][:2, :, : 3 * VQ_STRIDE, : 2 * VQ_STRIDE].contiguous(),)
         return sample, {"image": {0: batch, 2: VQ_STRIDE * height, 3: VQ_STRIDE * width}}, ["tokens"]
 
-    return export_component("vq_encoder", load, inputs, out_dir, settings, spec)
+    def tiled_variant(path: Path, refs: list[np.ndarray]) -> dict:
+        return {TILED_ENCODER_GRAPH: export_tiled_encoder(load, inputs, out_dir, refs[0])}
+
+    return export_component(
+        "vq_encoder", load, inputs, out_dir, settings, spec, variants=tiled_variant if tiled else None
+    )
+
+
+def export_tiled_encoder(load, inputs: dict, out_dir: Path, reference: np.ndarray) -> dict:
+    """The tiled VQ encoder (tiled_encoder.py): layer graphs, the tail graph, and its check against PyTorch.
+
+    The check encodes the check images in strips of at most a quarter of the image's rows and compares with
+    diffusers' tokens (`reference`): agreement >= MIN_TOKEN_AGREEMENT["fp16"] (weights and activations are
+    float16).
+    """
+    vqvae = load().vqvae
+    entry = write_encoder_layer_graphs(vqvae, out_dir)
+    image = inputs["image"]
+    channels = vqvae.encoder.down_blocks[-1].resnets[0].in_channels  # the tail's input
+    grid = torch.export.Dim("h", min=1, max=512), torch.export.Dim("w", min=1, max=512)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    sample = (torch.randn(2, channels, 3, 2, generator=torch.Generator().manual_seed(0)),)
+    dynamic = {"features": {0: batch, 2: grid[0], 3: grid[1]}}
+    path = out_dir / TILED_ENCODER_GRAPH / "tail.onnx"
+    tail = VQEncoderTail(vqvae)
+    files = export_graph(tail, sample, path, ["features"], ["tokens"], dynamic, TILED_ENCODER_GRAPH, "fp32")
+    top_channels = vqvae.config.block_out_channels[0]  # the widest tensors are at full resolution
+    del vqvae, tail
+    gc.collect()
+    entry["files"] = [f"{TILED_ENCODER_GRAPH}/{name}" for name in files]
+    session = open_session(path)
+    entry.update(io_spec(session))
+    del session
+    entry["strip_check_elements"] = top_channels * image.shape[2] * image.shape[3] // 4
+    parity = compare_tiled_encoder(out_dir, {**entry, "file": entry["files"][0]}, image.numpy(), reference)
+    return {**entry, "parity": parity, "precision": "fp16"}
+
+
+def compare_tiled_encoder(bundle_dir: Path, entry: dict, images: np.ndarray, reference: np.ndarray) -> dict:
+    """The tiled encoder, in strips of at most a quarter of the image's rows, against diffusers' tokens."""
+    encoder = TiledEncoder(bundle_dir, entry, open_session, strip_elements=entry["strip_check_elements"])
+    got = encoder(images)
+    agreement = float((got == reference).mean()) if got.shape == reference.shape else 0.0
+    return require(TILED_ENCODER_GRAPH, [Check("token_agreement", agreement, MIN_TOKEN_AGREEMENT["fp16"], True)])
 
 
 EXPORTERS = {
@@ -611,8 +658,9 @@ def export_onnx(
 ) -> Path:
     """Export every component of `model_dir` into the bundle `out_dir`; return its path.
 
-    `tiled_decoder=False` leaves out the tiled VQ decoder that `--low-memory` uses (its layer graphs hold the
-    decoder's weights again in float16: 210 MB for the full-size model); low-memory runs then decode untiled.
+    `tiled_decoder=False` leaves out the tiled VQ decoder and encoder that `--low-memory` uses (their graphs
+    hold the VQ weights again: 210 MB for the full-size decoder; 203 MB for the encoder, of which 168 MB is its
+    float32 tail at token resolution); low-memory runs then decode and encode untiled.
 
     `precision` is a recipe (see `quantize.py`): "fp32", "fp16", "int8", "int4",
     "transformer=int4,text_encoder=int8,vq_decoder=fp16", or a JSON recipe file.
@@ -639,7 +687,7 @@ def export_onnx(
             settings = recipe[component]
             bar.set_description(f"exporting {component} ({settings.precision})")
             logger.info("exporting %s (%s)", component, settings.precision)
-            options = {"tiled": tiled_decoder} if component == "vq_decoder" else {}
+            options = {"tiled": tiled_decoder} if component in ("vq_decoder", "vq_encoder") else {}
             graphs[component] = EXPORTERS[component](load, inputs, tmp, settings, **options)
             for variant, entry in graphs[component].pop("variants", {}).items():
                 graphs[variant] = {**entry, "variant_of": component}
@@ -731,4 +779,8 @@ def verify_parity(
             tiled = manifest["graphs"].get(TILED_GRAPH) if component == "vq_decoder" else None
             if tiled is not None:
                 results[TILED_GRAPH] = compare_tiled(bundle_dir, tiled, inputs["tokens"].numpy(), refs[0])
+            tiled = manifest["graphs"].get(TILED_ENCODER_GRAPH) if component == "vq_encoder" else None
+            if tiled is not None:
+                images = inputs["image"].numpy()
+                results[TILED_ENCODER_GRAPH] = compare_tiled_encoder(bundle_dir, tiled, images, refs[0])
     return results

@@ -1,15 +1,19 @@
-"""Export of the tiled VQ decoder (run by `tiled_decoder.py`): a stem graph and one small graph per convolution.
+"""Export of the tiled VQ decoder and encoder (run by `tiled_decoder.py` and `tiled_encoder.py`): one graph
+for the part that runs whole at token resolution, and one small graph per full-resolution convolution.
 
-The stem (codebook lookup, post-quant conv, conv_in, mid block) is exported from PyTorch like every other
-graph (`export_onnx.export_graph`). The up blocks become one ONNX graph per convolution, written here from
-the module's weights with `onnx.helper`: each graph is the GroupNorm (with the statistics as inputs), SiLU
-and 3x3 convolution of one ResNet half, plus the residual for the second half, and the
-1x1 shortcut where channels change; the upsamplers are nearest 2x + 3x3 convolution; the last graph is conv_norm_out,
-SiLU, conv_out and the clip to [0, 1]. Weights are stored in float16 (activations between layers are
-float16 too) and computed in float32.
+The decoder's stem (codebook lookup, post-quant conv, conv_in, mid block) and the encoder's tail (last down
+block, mid block, conv_norm_out, SiLU, conv_out, quant_conv, nearest codebook entry) are exported from
+PyTorch like every other graph (`export_onnx.export_graph`). The other layers become one ONNX graph per
+convolution, written here from the module's weights with `onnx.helper`: each graph is the GroupNorm (with
+the statistics as inputs), SiLU and 3x3 convolution of one ResNet half, plus the residual for the second
+half, and the 1x1 shortcut where channels change; the decoder's upsamplers are nearest 2x + 3x3
+convolution and its last graph is conv_norm_out, SiLU, conv_out and the clip to [0, 1]; the encoder's
+conv_in and downsamplers (pad right and bottom by one, 3x3 convolution of stride 2) are a convolution alone.
+Weights are stored in float16 (activations between layers are float16 too) and computed in float32.
 
-Only the structure diffusers' `VQModel` decoders have is accepted (UpDecoderBlock2D blocks of ResnetBlock2D
-with GroupNorm and SiLU); anything else raises, rather than tiling a decoder this code does not know.
+Only the structure diffusers' `VQModel` has is accepted (UpDecoderBlock2D and DownEncoderBlock2D blocks of
+ResnetBlock2D with GroupNorm and SiLU, Downsample2D with padding 0); anything else raises, rather than
+tiling a model this code does not know.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from meissonic_edge.errors import MeissonicError
 from meissonic_edge.tiled_decoder import TILED_GRAPH
+from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH
 
 OPSET = 21
 IR_VERSION = 10  # onnxruntime >= 1.18 reads it
@@ -56,28 +61,69 @@ def require_structure(vqvae) -> tuple[int, float]:
         raise TiledExportError(f"VQ norm_type {vqvae.config.norm_type!r}: tiling supports 'group' only")
     norms = [decoder.conv_norm_out]
     for i, block in enumerate(decoder.up_blocks):
-        if getattr(block, "attentions", None):
-            raise TiledExportError(f"up_blocks.{i} has attention layers: tiling needs convolutions only")
-        for j, resnet in enumerate(block.resnets):
-            where = f"up_blocks.{i}.resnets.{j}"
-            if resnet.time_emb_proj is not None or resnet.upsample is not None or resnet.downsample is not None:
-                raise TiledExportError(f"{where}: time embedding or resampling inside the ResNet block")
-            if resnet.output_scale_factor != 1 or not isinstance(resnet.nonlinearity, nn.SiLU):
-                raise TiledExportError(f"{where}: output scale or activation other than 1 and SiLU")
-            for conv in (resnet.conv1, resnet.conv2):
-                require_conv3x3(conv, where)
-            shortcut = resnet.conv_shortcut
-            if shortcut is not None and (shortcut.kernel_size != (1, 1) or shortcut.bias is None):
-                raise TiledExportError(f"{where}: a shortcut other than a 1x1 convolution with bias")
-            norms += [resnet.norm1, resnet.norm2]
+        norms += require_resnets(block, f"up_blocks.{i}")
         for upsampler in block.upsamplers or []:
             if not upsampler.use_conv or upsampler.use_conv_transpose or upsampler.norm is not None:
                 raise TiledExportError(f"up_blocks.{i}: upsampler other than nearest 2x + convolution")
             require_conv3x3(upsampler.conv, f"up_blocks.{i}.upsamplers")
     require_conv3x3(decoder.conv_out, "conv_out")
+    return one_norm_setting(norms, "decoder")
+
+
+def require_encoder_structure(vqvae) -> tuple[int, float]:
+    """Check that every layer before the encoder's last down block is one the tiled encoder implements: each
+    of those blocks ResNet blocks then one downsampler (diffusers' Downsample2D with padding 0: pad right and
+    bottom by one, 3x3 convolution of stride 2). Return GroupNorm (groups, eps). The last block, the mid block
+    and the output layers run whole in the tail graph, exported from PyTorch: any structure goes there."""
+    encoder = vqvae.encoder
+    require_conv3x3(encoder.conv_in, "encoder.conv_in")
+    if len(encoder.down_blocks) < 2:
+        raise TiledExportError("the encoder has one down block: nothing runs at full resolution to tile")
+    norms = []
+    for i, block in enumerate(encoder.down_blocks[:-1]):
+        where = f"encoder.down_blocks.{i}"
+        norms += require_resnets(block, where)
+        downsamplers = list(block.downsamplers or [])
+        if len(downsamplers) != 1:
+            raise TiledExportError(f"{where}: {len(downsamplers)} downsamplers, the tiled encoder needs one")
+        downsampler, conv = downsamplers[0], downsamplers[0].conv
+        if (
+            not downsampler.use_conv
+            or downsampler.padding != 0
+            or downsampler.norm is not None
+            or not isinstance(conv, nn.Conv2d)
+            or (conv.kernel_size, conv.stride, conv.padding, conv.dilation) != ((3, 3), (2, 2), (0, 0), (1, 1))
+            or conv.groups != 1
+            or conv.bias is None
+        ):
+            raise TiledExportError(f"{where}: a downsampler other than pad (0, 1, 0, 1) + 3x3 stride-2 convolution")
+    return one_norm_setting(norms, "encoder")
+
+
+def require_resnets(block, where: str) -> list:
+    """Check a block's ResNet blocks (GroupNorm, SiLU, 3x3 convolutions, 1x1 shortcut); return their norms."""
+    if getattr(block, "attentions", None):
+        raise TiledExportError(f"{where} has attention layers: tiling needs convolutions only")
+    norms = []
+    for j, resnet in enumerate(block.resnets):
+        name = f"{where}.resnets.{j}"
+        if resnet.time_emb_proj is not None or resnet.upsample is not None or resnet.downsample is not None:
+            raise TiledExportError(f"{name}: time embedding or resampling inside the ResNet block")
+        if resnet.output_scale_factor != 1 or not isinstance(resnet.nonlinearity, nn.SiLU):
+            raise TiledExportError(f"{name}: output scale or activation other than 1 and SiLU")
+        for conv in (resnet.conv1, resnet.conv2):
+            require_conv3x3(conv, name)
+        shortcut = resnet.conv_shortcut
+        if shortcut is not None and (shortcut.kernel_size != (1, 1) or shortcut.bias is None):
+            raise TiledExportError(f"{name}: a shortcut other than a 1x1 convolution with bias")
+        norms += [resnet.norm1, resnet.norm2]
+    return norms
+
+
+def one_norm_setting(norms: list, what: str) -> tuple[int, float]:
     settings = {(n.num_groups, n.eps) for n in norms if isinstance(n, nn.GroupNorm) and n.affine}
     if len(settings) != 1 or not all(isinstance(n, nn.GroupNorm) for n in norms):
-        raise TiledExportError("the decoder's norms are not one GroupNorm setting (groups, eps) with weights")
+        raise TiledExportError(f"the {what}'s norms are not one GroupNorm setting (groups, eps) with weights")
     return settings.pop()
 
 
@@ -124,15 +170,19 @@ class LayerGraph:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
-    def conv(self, x: str, conv: nn.Conv2d, name: str) -> str:
-        """Conv with float16-stored weights, computed in float32 (onnxruntime folds the Cast at load)."""
+    def conv(self, x: str, conv: nn.Conv2d, name: str, pads: list[int] | None = None) -> str:
+        """Conv with float16-stored weights, computed in float32 (onnxruntime folds the Cast at load).
+
+        `pads` (top, left, bottom, right) replaces the module's symmetric padding."""
         from onnx import TensorProto
 
         weight = self.constant(f"{name}.weight", conv.weight.detach().numpy().astype(np.float16))
         bias = self.constant(f"{name}.bias", conv.bias.detach().numpy().astype(np.float32))
         weight32 = self.node("Cast", [weight], to=TensorProto.FLOAT)
-        pad = conv.padding[0]
-        return self.node("Conv", [x, weight32, bias], pads=[pad] * 4, kernel_shape=list(conv.kernel_size))
+        pads = pads or [conv.padding[0]] * 4
+        return self.node(
+            "Conv", [x, weight32, bias], pads=pads, kernel_shape=list(conv.kernel_size), strides=list(conv.stride)
+        )
 
     def model(self, output: str, elem_type: int, channels: int):
         from onnx import checker, helper
@@ -142,7 +192,8 @@ class LayerGraph:
         graph = helper.make_graph(self.nodes, self.scope, self.inputs, [out], self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = IR_VERSION
-        model.metadata_props.add(key="meissonic_edge.component", value=TILED_GRAPH)
+        component = {"decoder": TILED_GRAPH, "encoder": TILED_ENCODER_GRAPH}[self.scope.split(".")[0]]
+        model.metadata_props.add(key="meissonic_edge.component", value=component)
         checker.check_model(model)
         return model
 
@@ -172,13 +223,15 @@ def norm_conv_graph(scope: str, norm: nn.GroupNorm, conv: nn.Conv2d, residual=Fa
     return g.model(g.node("Cast", [y], to=TensorProto.FLOAT16), TensorProto.FLOAT16, conv.out_channels)
 
 
-def shortcut_graph(scope: str, conv: nn.Conv2d):
-    """The 1x1 convolution a ResNet block's residual goes through when its channels change."""
+def conv_graph(scope: str, conv: nn.Conv2d, pads: list[int] | None = None, float32_input: bool = False):
+    """A convolution alone: a ResNet block's 1x1 shortcut (when its channels change), the encoder's conv_in
+    (on float32 pixels), a downsampler (stride 2, `pads` (0, 0, 1, 1): diffusers pads right and bottom)."""
     from onnx import TensorProto
 
     g = LayerGraph(scope)
-    x = g.input("x", TensorProto.FLOAT16, [1, conv.in_channels, "rows", "width"])
-    y = g.conv(g.node("Cast", [x], to=TensorProto.FLOAT), conv, "conv")
+    elem_type = TensorProto.FLOAT if float32_input else TensorProto.FLOAT16
+    x = g.input("x", elem_type, [1, conv.in_channels, "rows", "width"])
+    y = g.conv(x if float32_input else g.node("Cast", [x], to=TensorProto.FLOAT), conv, "conv", pads)
     return g.model(g.node("Cast", [y], to=TensorProto.FLOAT16), TensorProto.FLOAT16, conv.out_channels)
 
 
@@ -206,8 +259,7 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
     import onnx
 
     groups, eps = require_structure(vqvae)
-    folder = out_dir / TILED_GRAPH
-    folder.mkdir(exist_ok=True)
+    (out_dir / TILED_GRAPH).mkdir(exist_ok=True)
     decoder = vqvae.decoder
 
     def save(model, scope: str) -> str:
@@ -224,7 +276,7 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
                 conv2 = norm_conv_graph(f"{scope}.conv2", resnet.norm2, resnet.conv2, residual=True)
                 op = {"kind": "resnet", "conv1": save(conv1, scope + ".conv1"), "conv2": save(conv2, scope + ".conv2")}
                 if resnet.conv_shortcut is not None:
-                    shortcut = shortcut_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut)
+                    shortcut = conv_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut)
                     op["shortcut"] = save(shortcut, scope + ".conv_shortcut")
                 ops.append(op)
             for k, upsampler in enumerate(block.upsamplers or []):
@@ -232,4 +284,63 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
                 ops.append({"kind": "upsample", "conv": save(upsample_graph(scope, upsampler.conv), scope)})
         out = norm_conv_graph("decoder.conv_out", decoder.conv_norm_out, decoder.conv_out, final=True)
         ops.append({"kind": "output", "conv": save(out, "decoder.conv_out")})
+    return {"groups": groups, "eps": eps, "ops": ops}
+
+
+# ----------------------------------------------------------------------------------------------- the encoder
+
+
+def nearest_codebook_entry(vqvae, latents):
+    """latents (B, C, h, w) after quant_conv -> the index of the nearest codebook entry (B, h, w)."""
+    latents = latents.permute(0, 2, 3, 1)  # (B, h, w, C)
+    codebook = vqvae.quantize.embedding.weight  # (K, C)
+    distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T  # |z|^2 is the same for every entry
+    return distances.argmin(-1)  # (B, h, w)
+
+
+class VQEncoderTail(nn.Module):
+    """features (B, C, h, w) -> tokens (B, h, w): the encoder from its last down block on, at token resolution
+    (the last down block, the mid block, conv_norm_out, SiLU, conv_out, quant_conv, the codebook)."""
+
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, features):
+        vq, encoder = self.vqvae, self.vqvae.encoder
+        x = encoder.mid_block(encoder.down_blocks[-1](features))  # (B, C, h, w)
+        x = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(x)))
+        return nearest_codebook_entry(vq, vq.quant_conv(x))
+
+
+def write_encoder_layer_graphs(vqvae, out_dir: Path) -> dict:
+    """Write one graph per convolution before the encoder's last down block into out_dir/vq_encoder_tiled;
+    return the manifest entry (without the tail's file, which the caller exports)."""
+    import onnx
+
+    groups, eps = require_encoder_structure(vqvae)
+    (out_dir / TILED_ENCODER_GRAPH).mkdir(exist_ok=True)
+    encoder = vqvae.encoder
+
+    def save(model, scope: str) -> str:
+        relative = f"{TILED_ENCODER_GRAPH}/{scope}.onnx"
+        onnx.save(model, str(out_dir / relative))
+        return relative
+
+    with torch.no_grad():
+        conv_in = conv_graph("encoder.conv_in", encoder.conv_in, float32_input=True)  # on the image's pixels
+        ops = [{"kind": "input", "conv": save(conv_in, "encoder.conv_in")}]
+        for i, block in enumerate(encoder.down_blocks[:-1]):
+            for j, resnet in enumerate(block.resnets):
+                scope = f"encoder.down_blocks.{i}.resnets.{j}"
+                conv1 = norm_conv_graph(f"{scope}.conv1", resnet.norm1, resnet.conv1)
+                conv2 = norm_conv_graph(f"{scope}.conv2", resnet.norm2, resnet.conv2, residual=True)
+                op = {"kind": "resnet", "conv1": save(conv1, scope + ".conv1"), "conv2": save(conv2, scope + ".conv2")}
+                if resnet.conv_shortcut is not None:
+                    shortcut = conv_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut)
+                    op["shortcut"] = save(shortcut, scope + ".conv_shortcut")
+                ops.append(op)
+            scope = f"encoder.down_blocks.{i}.downsamplers.0"
+            down = conv_graph(scope, block.downsamplers[0].conv, pads=[0, 0, 1, 1])  # (top, left, bottom, right)
+            ops.append({"kind": "downsample", "conv": save(down, scope)})
     return {"groups": groups, "eps": eps, "ops": ops}

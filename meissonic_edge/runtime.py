@@ -10,7 +10,8 @@ transformer, then the VQ decoder, each released after use (and its memory handed
 `heap.py`); the VQ decoder is then the tiled one (`tiled_decoder.py`) when the bundle has it.
 
 Editing (img2img, inpainting, outpainting: `editing.py`) encodes the image with the bundle's `vq_encoder`
-first; in low-memory mode that graph too is loaded only while it encodes.
+first; in low-memory mode that graph too is loaded only while it encodes, and it is the tiled encoder
+(`tiled_encoder.py`) when the bundle has it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from meissonic_edge.heap import release_freed_memory, trim_heap
 from meissonic_edge.imaging import to_pil
 from meissonic_edge.sampler import EditStart, Generation, GenerationOptions, sample
 from meissonic_edge.tiled_decoder import TILED_GRAPH, TiledDecoder
+from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
 from meissonic_edge.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -116,10 +118,10 @@ def session_options(name: str, threads: int | None = None, low_memory: bool = Fa
         # but plans no memory pattern, a block sized for every intermediate allocated up front: 1086 MiB
         # peak instead of 1199 MiB at the same speed (block-128 int4 bundle, guided, 1024x1024).
         options.enable_mem_pattern = False
-    elif name != TILED_GRAPH:
+    elif name not in (TILED_GRAPH, TILED_ENCODER_GRAPH):
         # Graphs that run once (text encoder, VQ graphs): no arena and no memory pattern, so tensors live
         # only as long as they are needed. The untiled VQ decoder at 1024x1024 peaks at 4.6 GB instead of
-        # 10.8 GB. The tiled decoder's layer graphs run strip after strip and keep their arena.
+        # 10.8 GB. The tiled decoder's and encoder's layer graphs run strip after strip and keep their arena.
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     return options
@@ -211,7 +213,15 @@ class OnnxPipeline:
         return text_embeds, hidden
 
     def encode(self, image: np.ndarray) -> np.ndarray:
-        """Images (B, 3, H, W) float32 in [0, 1] -> VQ tokens (B, H/16, W/16)."""
+        """Images (B, 3, H, W) float32 in [0, 1] -> VQ tokens (B, H/16, W/16).
+
+        In low-memory mode the tiled encoder runs when the bundle has one (see tiled_encoder.py).
+        """
+        if self.low_memory and TILED_ENCODER_GRAPH in self.manifest["graphs"]:
+            entry = self.manifest["graphs"][TILED_ENCODER_GRAPH]
+            open_layer = lambda path: self.open_session(path, TILED_ENCODER_GRAPH)  # noqa: E731
+            encoder = TiledEncoder(self.root, entry, open_layer, release=trim_heap)
+            return encoder(image)
         tokens = self.session("vq_encoder").run(["tokens"], {"image": image.astype(np.float32, copy=False)})[0]
         self.release("vq_encoder")
         return tokens

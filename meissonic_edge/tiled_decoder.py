@@ -42,6 +42,9 @@ Graph interfaces (h rows of width w, float16 activations):
     shortcut graph (1x1 conv):                x (1, C, h, w) -> y (1, O, h, w)
     upsample graph:                           x (1, C, h, w) -> y (1, C, 2h, 2w)
 The output graph returns float32 pixels clipped to [0, 1]; the others float16.
+
+The strip runner (`LayerRunner`: strips, GroupNorm sums, one layer graph over strips) is shared with the
+tiled encoder (`tiled_encoder.py`), which runs the VQ encoder the same way.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ STRIP_ELEMENTS = 1 << 22  # values in one strip's widest tensor (input channels 
 HALO = 1  # rows of context a 3x3 convolution needs on each side
 
 
-class TiledDecodeError(BundleError):
+class TiledError(BundleError):
+    """A tiled VQ graph cannot run: a bad program, or activations float16 cannot hold."""
+
+
+class TiledDecodeError(TiledError):
     """The tiled decoder cannot decode these tokens (a bad program, or values float16 cannot hold)."""
 
 
@@ -70,7 +77,7 @@ class GroupStats:
 
     def __init__(self, channels: int, groups: int):
         if channels % groups:
-            raise TiledDecodeError(f"{channels} channels do not split into {groups} GroupNorm groups")
+            raise TiledError(f"{channels} channels do not split into {groups} GroupNorm groups")
         self.channels, self.groups = channels, groups
         self.sum = np.zeros(groups)
         self.squares = np.zeros(groups)
@@ -132,8 +139,21 @@ class Upsampled:
         return y[:, low - 2 * first : high - 2 * first]
 
 
-class TiledDecoder:
-    """tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1], one band of rows at a time."""
+class LayerRunner:
+    """What the tiled decoder and the tiled encoder (`tiled_encoder.py`) share: a manifest program of layer
+    graphs, each run over strips of rows of its input with the GroupNorm sums of its output kept.
+
+    A layer is a 3x3 convolution with stride 1 (padding 1 all round: output row r reads input rows r-1..r+1)
+    or, in the encoder's downsamplers, stride 2 with diffusers' padding of one row and column after the image
+    only (output row r reads input rows 2r..2r+2); `strips` maps output rows to the input rows they read.
+    """
+
+    graph = TILED_GRAPH
+    role = "decoder"
+    error = TiledDecodeError
+    fallback = "decode without --low-memory"
+    kinds = {"resnet": ("conv1", "conv2", "shortcut"), "upsample": ("conv",), "output": ("conv",)}
+    optional = ("shortcut",)
 
     def __init__(
         self,
@@ -150,20 +170,94 @@ class TiledDecoder:
         try:
             self.groups = int(entry["groups"])
             self.eps = float(entry["eps"])
-            self.stem_file = inside(self.root, entry["file"])
+            self.file = inside(self.root, entry["file"])
             self.ops = [dict(op) for op in entry["ops"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{TILED_GRAPH} entry of the manifest is incomplete: {e}") from None
-        kinds = {"resnet": ("conv1", "conv2", "shortcut"), "upsample": ("conv",), "output": ("conv",)}
+            raise BundleError(f"{self.graph} entry of the manifest is incomplete: {e}") from None
         for op in self.ops:
-            if op.get("kind") not in kinds:
-                raise BundleError(f"{TILED_GRAPH}: unknown layer kind {op.get('kind')!r}")
-            for key in kinds[op["kind"]]:
-                if key == "shortcut" and key not in op:
+            if op.get("kind") not in self.kinds:
+                raise BundleError(f"{self.graph}: unknown layer kind {op.get('kind')!r}")
+            for key in self.kinds[op["kind"]]:
+                if key in self.optional and key not in op:
                     continue
                 op[key] = inside(self.root, op[key])
                 if not op[key].is_file():
                     raise BundleError(f"bundle file missing: {op[key].relative_to(self.root)}")
+
+    def to_float16(self, values: np.ndarray) -> np.ndarray:
+        if not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float16).max:
+            raise self.error(f"{self.role} activations exceed float16's range; {self.fallback}")
+        return values.astype(np.float16)
+
+    def strips(self, source, out_channels: int, stride: int = 1):
+        """(start, stop, low, high): output rows [start, stop) and the input rows [low, high) they read."""
+        channels, height, width = source.shape
+        rows = max(1, strip_rows(max(channels, out_channels), width, 1, self.strip_elements) // stride)
+        out_height = height // stride
+        for start in range(0, out_height, rows):
+            stop = min(start + rows, out_height)
+            if stride == 1:
+                yield start, stop, max(start - HALO, 0), min(stop + HALO, height)
+            else:  # the graph pads one zero row below: only the last strip reads it, as the untiled one does
+                yield start, stop, stride * start, min(stride * stop + 1, height)
+
+    def statistics(self, source) -> GroupStats:
+        """GroupNorm sums of a whole source, strip by strip (an upsampler's output is computed for them)."""
+        stats = GroupStats(source.shape[0], self.groups)
+        for start, stop, _, _ in self.strips(source, source.shape[0]):
+            stats.add(self.checked(source.rows(start, stop), type(source).__name__))
+        return stats
+
+    def checked(self, y: np.ndarray, where: str) -> np.ndarray:
+        if not np.isfinite(y).all():
+            raise self.error(f"{where}: {self.role} activations exceed float16's range")
+        return y
+
+    def run_layer(self, path: Path, source, stats, residual=None, side=None, final=False, stride=1):
+        """Run one layer graph over strips of `source`.
+
+        With `stats` (the input's GroupNorm sums) the graph is a norm-conv graph and gets the normalisation;
+        without, a plain convolution (conv_in, a downsampler). Returns (output, the output's GroupNorm sums,
+        side output). With `residual` (O, H, W) the graph adds it and the output is written over it. `side`
+        is a shortcut graph (or "copy") run on the same strips, whose output is stored too.
+        """
+        session = self.open_session(path)
+        channels, height, width = source.shape
+        out_channels = session.get_outputs()[0].shape[1]
+        if not isinstance(out_channels, int):
+            raise BundleError(f"{path.name}: output channels must be fixed in the graph")
+        out_shape = (out_channels, height // stride, width // stride)
+        normalisation = {}  # a plain convolution (no stats) has no norm before it
+        if stats is not None:
+            normalisation["mean"], normalisation["rstd"] = stats.normalisation(self.eps)
+        out = residual if residual is not None else np.empty(out_shape, np.float32 if final else np.float16)
+        out_stats = None if final else GroupStats(out_channels, self.groups)
+        side_session = self.open_session(side) if isinstance(side, Path) else None
+        side_out = None if side is None else np.empty(out_shape, np.float16)
+        for start, stop, low, high in self.strips(source, out_channels, stride):
+            strip = source.rows(low, high)
+            feed = {"x": strip[None], **normalisation}
+            if residual is not None:
+                # Rows above `start` were already overwritten: they only reach output rows that are cropped.
+                feed["residual"] = residual[None, :, low:high]
+            first = start - low // stride  # the graph's output row of output row `start`
+            y = session.run(None, feed)[0][0, :, first : first + stop - start]
+            out[:, start:stop] = y if final else self.checked(y, path.name)
+            if out_stats is not None:
+                out_stats.add(y)
+            if side_session is not None:
+                side_out[:, start:stop] = side_session.run(None, {"x": strip[None, :, start - low : stop - low]})[0][0]
+            elif side_out is not None:
+                side_out[:, start:stop] = strip[:, start - low : stop - low]
+        return out, out_stats, side_out
+
+
+class TiledDecoder(LayerRunner):
+    """tokens (B, h, w) -> images (B, 3, 16h, 16w) float32 in [0, 1], one band of rows at a time."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stem_file = self.file
         if not self.ops or self.ops[-1]["kind"] != "output":
             raise BundleError(f"{TILED_GRAPH}: the program must end with the output layer")
 
@@ -197,64 +291,3 @@ class TiledDecoder:
             x, h = Stored(out), None
             self.release()
         raise AssertionError("unreachable: the program ends with the output layer")
-
-    def to_float16(self, values: np.ndarray) -> np.ndarray:
-        if not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float16).max:
-            raise TiledDecodeError("decoder activations exceed float16's range; decode without --low-memory")
-        return values.astype(np.float16)
-
-    def strips(self, source, out_channels: int):
-        """(start, stop, low, high): output rows [start, stop) and the input rows [low, high) they read."""
-        channels, height, width = source.shape
-        rows = strip_rows(max(channels, out_channels), width, 1, self.strip_elements)
-        for start in range(0, height, rows):
-            stop = min(start + rows, height)
-            yield start, stop, max(start - HALO, 0), min(stop + HALO, height)
-
-    def statistics(self, source) -> GroupStats:
-        """GroupNorm sums of a whole source, strip by strip (an upsampler's output is computed for them)."""
-        stats = GroupStats(source.shape[0], self.groups)
-        for start, stop, _, _ in self.strips(source, source.shape[0]):
-            stats.add(self.checked(source.rows(start, stop), type(source).__name__))
-        return stats
-
-    def checked(self, y: np.ndarray, where: str) -> np.ndarray:
-        if not np.isfinite(y).all():
-            raise TiledDecodeError(f"{where}: decoder activations exceed float16's range")
-        return y
-
-    def run_layer(self, path: Path, source, stats: GroupStats, residual=None, side=None, final=False):
-        """Run one norm-conv layer graph over strips of `source`.
-
-        Returns (output, the output's GroupNorm sums, side output). With `residual` (O, H, W) the graph adds
-        it and the output is written over it. `side` is a shortcut graph (or "copy") run on the same strips,
-        whose output is stored too.
-        """
-        session = self.open_session(path)
-        channels, height, width = source.shape
-        out_channels = session.get_outputs()[0].shape[1]
-        if not isinstance(out_channels, int):
-            raise BundleError(f"{path.name}: output channels must be fixed in the graph")
-        mean, rstd = stats.normalisation(self.eps)
-        if residual is not None:
-            out = residual
-        else:
-            out = np.empty((out_channels, height, width), np.float32 if final else np.float16)
-        out_stats = None if final else GroupStats(out_channels, self.groups)
-        side_session = self.open_session(side) if isinstance(side, Path) else None
-        side_out = None if side is None else np.empty((out_channels, height, width), np.float16)
-        for start, stop, low, high in self.strips(source, out_channels):
-            strip = source.rows(low, high)
-            feed = {"x": strip[None], "mean": mean, "rstd": rstd}
-            if residual is not None:
-                # Rows above `start` were already overwritten: they only reach output rows that are cropped.
-                feed["residual"] = residual[None, :, low:high]
-            y = session.run(None, feed)[0][0, :, start - low : stop - low]
-            out[:, start:stop] = y if final else self.checked(y, path.name)
-            if out_stats is not None:
-                out_stats.add(y)
-            if side_session is not None:
-                side_out[:, start:stop] = side_session.run(None, {"x": strip[None, :, start - low : stop - low]})[0][0]
-            elif side_out is not None:
-                side_out[:, start:stop] = strip[:, start - low : stop - low]
-        return out, out_stats, side_out

@@ -41,8 +41,9 @@ def test_bundle_contract_and_recorded_parity(bundle_name, request):
     bundle = request.getfixturevalue(bundle_name)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
-    variants = {"transformer_guided"} | ({"vq_decoder_tiled"} if bundle_name == "tiny_bundle" else set())
-    assert set(manifest["graphs"]) == set(CONTRACT) | variants  # test_guided.py, test_tiled_decoder.py
+    tiled = {"vq_decoder_tiled", "vq_encoder_tiled"} if bundle_name == "tiny_bundle" else set()
+    variants = {"transformer_guided"} | tiled  # test_guided.py, test_tiled_decoder.py, test_tiled_encoder.py
+    assert set(manifest["graphs"]) == set(CONTRACT) | variants
     for name, (inputs, outputs) in CONTRACT.items():
         graph = manifest["graphs"][name]
         assert [(i["name"], i["dtype"], len(i["shape"])) for i in graph["inputs"]] == inputs
