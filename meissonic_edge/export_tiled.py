@@ -253,6 +253,17 @@ def upsample_graph(scope: str, conv: nn.Conv2d):
     return g.model(g.node("Cast", [y], to=TensorProto.FLOAT16), TensorProto.FLOAT16, conv.out_channels)
 
 
+def resnet_op(resnet, scope: str, save) -> dict:
+    """A ResNet block's layer graphs, saved with `save(model, scope)`: its two norm-conv halves, and the 1x1
+    shortcut where channels change."""
+    conv1 = norm_conv_graph(f"{scope}.conv1", resnet.norm1, resnet.conv1)
+    conv2 = norm_conv_graph(f"{scope}.conv2", resnet.norm2, resnet.conv2, residual=True)
+    op = {"kind": "resnet", "conv1": save(conv1, scope + ".conv1"), "conv2": save(conv2, scope + ".conv2")}
+    if resnet.conv_shortcut is not None:
+        op["shortcut"] = save(conv_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut), scope + ".conv_shortcut")
+    return op
+
+
 def write_layer_graphs(vqvae, out_dir: Path) -> dict:
     """Write one graph per up-block convolution into out_dir/vq_decoder_tiled; return the manifest entry
     (without the stem's file, which the caller exports)."""
@@ -271,14 +282,7 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
     with torch.no_grad():
         for i, block in enumerate(decoder.up_blocks):
             for j, resnet in enumerate(block.resnets):
-                scope = f"decoder.up_blocks.{i}.resnets.{j}"
-                conv1 = norm_conv_graph(f"{scope}.conv1", resnet.norm1, resnet.conv1)
-                conv2 = norm_conv_graph(f"{scope}.conv2", resnet.norm2, resnet.conv2, residual=True)
-                op = {"kind": "resnet", "conv1": save(conv1, scope + ".conv1"), "conv2": save(conv2, scope + ".conv2")}
-                if resnet.conv_shortcut is not None:
-                    shortcut = conv_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut)
-                    op["shortcut"] = save(shortcut, scope + ".conv_shortcut")
-                ops.append(op)
+                ops.append(resnet_op(resnet, f"decoder.up_blocks.{i}.resnets.{j}", save))
             for k, upsampler in enumerate(block.upsamplers or []):
                 scope = f"decoder.up_blocks.{i}.upsamplers.{k}"
                 ops.append({"kind": "upsample", "conv": save(upsample_graph(scope, upsampler.conv), scope)})
@@ -332,14 +336,7 @@ def write_encoder_layer_graphs(vqvae, out_dir: Path) -> dict:
         ops = [{"kind": "input", "conv": save(conv_in, "encoder.conv_in")}]
         for i, block in enumerate(encoder.down_blocks[:-1]):
             for j, resnet in enumerate(block.resnets):
-                scope = f"encoder.down_blocks.{i}.resnets.{j}"
-                conv1 = norm_conv_graph(f"{scope}.conv1", resnet.norm1, resnet.conv1)
-                conv2 = norm_conv_graph(f"{scope}.conv2", resnet.norm2, resnet.conv2, residual=True)
-                op = {"kind": "resnet", "conv1": save(conv1, scope + ".conv1"), "conv2": save(conv2, scope + ".conv2")}
-                if resnet.conv_shortcut is not None:
-                    shortcut = conv_graph(f"{scope}.conv_shortcut", resnet.conv_shortcut)
-                    op["shortcut"] = save(shortcut, scope + ".conv_shortcut")
-                ops.append(op)
+                ops.append(resnet_op(resnet, f"encoder.down_blocks.{i}.resnets.{j}", save))
             scope = f"encoder.down_blocks.{i}.downsamplers.0"
             down = conv_graph(scope, block.downsamplers[0].conv, pads=[0, 0, 1, 1])  # (top, left, bottom, right)
             ops.append({"kind": "downsample", "conv": save(down, scope)})

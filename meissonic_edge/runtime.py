@@ -212,15 +212,20 @@ class OnnxPipeline:
         self.release("text_encoder")
         return text_embeds, hidden
 
+    def tiled(self, graph: str, runner: type):
+        """In low-memory mode, the bundle's tiled runner of `graph` (a session per layer, while it runs), or None."""
+        if not self.low_memory or graph not in self.manifest["graphs"]:
+            return None
+        open_layer = lambda path: self.open_session(path, graph)  # noqa: E731
+        return runner(self.root, self.manifest["graphs"][graph], open_layer, release=trim_heap)
+
     def encode(self, image: np.ndarray) -> np.ndarray:
         """Images (B, 3, H, W) float32 in [0, 1] -> VQ tokens (B, H/16, W/16).
 
         In low-memory mode the tiled encoder runs when the bundle has one (see tiled_encoder.py).
         """
-        if self.low_memory and TILED_ENCODER_GRAPH in self.manifest["graphs"]:
-            entry = self.manifest["graphs"][TILED_ENCODER_GRAPH]
-            open_layer = lambda path: self.open_session(path, TILED_ENCODER_GRAPH)  # noqa: E731
-            encoder = TiledEncoder(self.root, entry, open_layer, release=trim_heap)
+        encoder = self.tiled(TILED_ENCODER_GRAPH, TiledEncoder)
+        if encoder is not None:
             return encoder(image)
         tokens = self.session("vq_encoder").run(["tokens"], {"image": image.astype(np.float32, copy=False)})[0]
         self.release("vq_encoder")
@@ -231,10 +236,8 @@ class OnnxPipeline:
 
         In low-memory mode the tiled decoder runs when the bundle has one (see tiled_decoder.py).
         """
-        if self.low_memory and TILED_GRAPH in self.manifest["graphs"]:
-            entry = self.manifest["graphs"][TILED_GRAPH]
-            open_layer = lambda path: self.open_session(path, TILED_GRAPH)  # noqa: E731
-            decoder = TiledDecoder(self.root, entry, open_layer, release=trim_heap)
+        decoder = self.tiled(TILED_GRAPH, TiledDecoder)
+        if decoder is not None:
             return decoder(tokens)
         image = self.session("vq_decoder").run(["image"], {"tokens": tokens.astype(np.int64)})[0]
         self.release("vq_decoder")
