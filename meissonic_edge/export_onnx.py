@@ -476,13 +476,20 @@ def export_tiled_decoder(
     top_channels = vqvae.config.block_out_channels[0]  # the widest tensors are at full resolution
     del vqvae
     gc.collect()
-    entry["files"] = [f"{TILED_GRAPH}/{name}" for name in files]
+    entry = tiled_entry(entry, TILED_GRAPH, files, path, top_channels, reference.shape)
+    parity = compare_tiled(out_dir, {**entry, "file": entry["files"][0]}, inputs["tokens"].numpy(), reference)
+    return {**entry, "parity": parity, "precision": "fp16"}
+
+
+def tiled_entry(entry: dict, graph: str, files: list[str], path: Path, top_channels: int, image_shape) -> dict:
+    """A tiled graph's manifest entry: its files, the inputs and outputs of the part that runs whole (`path`),
+    and the strip size of its check: a quarter of the image's rows at the widest (full-resolution) layer."""
+    entry["files"] = [f"{graph}/{name}" for name in files]
     session = open_session(path)
     entry.update(io_spec(session))
     del session
-    entry["strip_check_elements"] = top_channels * reference.shape[2] * reference.shape[3] // 4
-    parity = compare_tiled(out_dir, {**entry, "file": entry["files"][0]}, inputs["tokens"].numpy(), reference)
-    return {**entry, "parity": parity, "precision": "fp16"}
+    entry["strip_check_elements"] = top_channels * image_shape[-2] * image_shape[-1] // 4
+    return entry
 
 
 def compare_tiled(bundle_dir: Path, entry: dict, tokens: np.ndarray, reference: np.ndarray) -> dict:
@@ -529,11 +536,7 @@ def export_tiled_encoder(load, inputs: dict, out_dir: Path, reference: np.ndarra
     top_channels = vqvae.config.block_out_channels[0]  # the widest tensors are at full resolution
     del vqvae, tail
     gc.collect()
-    entry["files"] = [f"{TILED_ENCODER_GRAPH}/{name}" for name in files]
-    session = open_session(path)
-    entry.update(io_spec(session))
-    del session
-    entry["strip_check_elements"] = top_channels * image.shape[2] * image.shape[3] // 4
+    entry = tiled_entry(entry, TILED_ENCODER_GRAPH, files, path, top_channels, image.shape)
     parity = compare_tiled_encoder(out_dir, {**entry, "file": entry["files"][0]}, image.numpy(), reference)
     return {**entry, "parity": parity, "precision": "fp16"}
 
