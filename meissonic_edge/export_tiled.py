@@ -264,19 +264,27 @@ def resnet_op(resnet, scope: str, save) -> dict:
     return op
 
 
+def graph_saver(out_dir: Path, folder: str):
+    """`save(model, scope)`: writes a layer graph to out_dir/folder/scope.onnx, returns its bundle path."""
+    import onnx
+
+    (out_dir / folder).mkdir(exist_ok=True)
+
+    def save(model, scope: str) -> str:
+        relative = f"{folder}/{scope}.onnx"
+        onnx.save(model, str(out_dir / relative))
+        return relative
+
+    return save
+
+
 def write_layer_graphs(vqvae, out_dir: Path) -> dict:
     """Write one graph per up-block convolution into out_dir/vq_decoder_tiled; return the manifest entry
     (without the stem's file, which the caller exports)."""
-    import onnx
 
     groups, eps = require_structure(vqvae)
-    (out_dir / TILED_GRAPH).mkdir(exist_ok=True)
+    save = graph_saver(out_dir, TILED_GRAPH)
     decoder = vqvae.decoder
-
-    def save(model, scope: str) -> str:
-        relative = f"{TILED_GRAPH}/{scope}.onnx"
-        onnx.save(model, str(out_dir / relative))
-        return relative
 
     ops = []
     with torch.no_grad():
@@ -320,16 +328,10 @@ class VQEncoderTail(nn.Module):
 def write_encoder_layer_graphs(vqvae, out_dir: Path) -> dict:
     """Write one graph per convolution before the encoder's last down block into out_dir/vq_encoder_tiled;
     return the manifest entry (without the tail's file, which the caller exports)."""
-    import onnx
 
     groups, eps = require_encoder_structure(vqvae)
-    (out_dir / TILED_ENCODER_GRAPH).mkdir(exist_ok=True)
+    save = graph_saver(out_dir, TILED_ENCODER_GRAPH)
     encoder = vqvae.encoder
-
-    def save(model, scope: str) -> str:
-        relative = f"{TILED_ENCODER_GRAPH}/{scope}.onnx"
-        onnx.save(model, str(out_dir / relative))
-        return relative
 
     with torch.no_grad():
         conv_in = conv_graph("encoder.conv_in", encoder.conv_in, float32_input=True)  # on the image's pixels

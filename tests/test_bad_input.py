@@ -62,26 +62,25 @@ class Sources:
         return path
 
 
-def broken_bundle(*changes: Callable[[Path], None]):
-    """Setup: a copy of the tiny bundle at TMP/bundle, then `changes` applied to it."""
+def broken_copy(fixture: str, name: str, changes: tuple[Callable[[Path], None], ...]):
+    """Setup: a copy of the session fixture's folder at TMP/name, then `changes` applied to it."""
 
     def setup(tmp: Path, sources: Sources) -> None:
-        root = shutil.copytree(sources.get("tiny_bundle"), tmp / "bundle")
+        root = shutil.copytree(sources.get(fixture), tmp / name)
         for change in changes:
             change(root)
 
     return setup
+
+
+def broken_bundle(*changes: Callable[[Path], None]):
+    """Setup: a copy of the tiny bundle at TMP/bundle, then `changes` applied to it."""
+    return broken_copy("tiny_bundle", "bundle", changes)
 
 
 def broken_model(*changes: Callable[[Path], None]):
     """Setup: a copy of the tiny model directory at TMP/model, then `changes` applied to it."""
-
-    def setup(tmp: Path, sources: Sources) -> None:
-        root = shutil.copytree(sources.get("tiny_model_dir"), tmp / "model")
-        for change in changes:
-            change(root)
-
-    return setup
+    return broken_copy("tiny_model_dir", "model", changes)
 
 
 def manifest(change: Callable[[dict], None]):
