@@ -53,7 +53,10 @@ class EditExample:
 
     def placed_input(self) -> np.ndarray:
         """The input's pixels where they lie in the result, (H, W, 3) uint8 (zeros where there is none)."""
-        pixels = np.asarray(self.image.convert("RGB"))
+        return self.place(np.asarray(self.image.convert("RGB")))
+
+    def place(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels of the input's size, (h, w, 3) uint8, put where the input lies in the result."""
         if self.expand is None:
             return pixels
         left, top, right, bottom = self.expand
@@ -123,13 +126,10 @@ def run_edit(pipe, example: EditExample, seed: int, progress: bool = False, **ov
     verdict = judge(image, example.prompt)
     keep = example.preserved()
     source = example.placed_input()
-    canvas = Image.fromarray(source) if example.expand is None else example.image.convert("RGB")
-    roundtrip = np.asarray(to_pil(pipe.decode(pipe.encode(to_model_pixels(canvas))))[0])
-    if example.expand is not None:  # the round trip of the input alone, placed where the input lies
-        left, top = example.expand[:2]
-        placed = np.zeros_like(source)
-        placed[top : top + roundtrip.shape[0], left : left + roundtrip.shape[1]] = roundtrip
-        roundtrip = placed
+    # the input's own VQ round trip (the input alone, for an outpainting), placed where the input lies
+    roundtrip = example.place(
+        np.asarray(to_pil(pipe.decode(pipe.encode(to_model_pixels(example.image.convert("RGB")))))[0])
+    )
     return EditResult(
         name=example.name,
         prompt=example.prompt,
