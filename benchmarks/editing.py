@@ -35,10 +35,10 @@ def export_encoders(preset: str, folder: Path, precisions: list[str]) -> dict[st
     encoder (`folder/vq_encoder_tiled/`, its manifest entry in `folder/tiled.json`)."""
     import torch
 
-    from meissonic_edge.export_onnx import VQEncoderGraph, export_graph
-    from meissonic_edge.export_tiled import VQEncoderTail, write_encoder_layer_graphs
-    from meissonic_edge.presets import PRESETS, build_vqvae
-    from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH
+    from meissonic_edge.export.tiled import VQEncoderTail, write_encoder_layer_graphs
+    from meissonic_edge.export.to_onnx import VQEncoderGraph, export_graph
+    from meissonic_edge.model.presets import PRESETS, build_vqvae
+    from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH
 
     torch.manual_seed(0)
     vqvae = build_vqvae(PRESETS[preset].vqvae).eval()
@@ -68,10 +68,10 @@ def child(job: dict) -> dict:
     """One encode in this process: load the session with the runtime's policy, encode a size x size image."""
     import onnxruntime as ort
 
-    from meissonic_edge.bench import RssMonitor, max_rss_bytes, mib
-    from meissonic_edge.heap import trim_heap
-    from meissonic_edge.runtime import session_options
-    from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
+    from meissonic_edge.bench.runner import RssMonitor, max_rss_bytes, mib
+    from meissonic_edge.runtime.heap import trim_heap
+    from meissonic_edge.runtime.onnx_pipeline import session_options
+    from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
 
     monitor = RssMonitor()
     size = job["size"]
@@ -149,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from meissonic_edge.bench import machine_info
+    from meissonic_edge.bench.runner import machine_info
 
     rows = []
     with tempfile.TemporaryDirectory() as work:

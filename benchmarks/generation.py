@@ -34,13 +34,13 @@ def measure(backend: str, path: str, size: int, steps: int, threads: int | None)
     """One generation in this process; returns phase timings and the process's peak RSS."""
     start = time.perf_counter()
     if backend == "onnx":
-        from meissonic_edge.runtime import OnnxPipeline
+        from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
 
         pipe = OnnxPipeline(path, threads=threads)
     else:
         import torch
 
-        from meissonic_edge.pipeline import ReferencePipeline
+        from meissonic_edge.model.reference import ReferencePipeline
 
         if threads:
             torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from meissonic_edge.bench import PHASES, generation_job, run_child
+from meissonic_edge.bench.runner import PHASES, generation_job, run_child
 
 PROMPT = "a photo of a red fox in the snow"
 

@@ -10,11 +10,11 @@ from meissonic_edge.errors import MeissonicError
 __version__ = "0.1.0"
 
 _TORCH_EXPORTS = {
-    "load_transformer": "meissonic_edge.checkpoint",
-    "load_model_dir": "meissonic_edge.checkpoint",
-    "MeissonicTransformer": "meissonic_edge.model",
-    "ReferencePipeline": "meissonic_edge.pipeline",
-    "make_random": "meissonic_edge.presets",
+    "load_transformer": "meissonic_edge.model.checkpoint",
+    "load_model_dir": "meissonic_edge.model.checkpoint",
+    "MeissonicTransformer": "meissonic_edge.model.transformer",
+    "ReferencePipeline": "meissonic_edge.model.reference",
+    "make_random": "meissonic_edge.model.presets",
 }
 
 __all__ = ["MeissonicError", "__version__", *_TORCH_EXPORTS]

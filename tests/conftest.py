@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random `tiny` model directory in the upstream layout (feature compression on)."""
-    from meissonic_edge.presets import make_random
+    from meissonic_edge.model.presets import make_random
 
     return make_random(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
@@ -15,13 +15,13 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flat_model_dir(tmp_path_factory):
     """The `tiny` preset without feature compression (no down/upsampling of the token grid)."""
-    from meissonic_edge.presets import make_random
+    from meissonic_edge.model.presets import make_random
 
     return make_random(tmp_path_factory.mktemp("models") / "tiny-flat", "tiny", seed=1, feature_compression=False)
 
 
 def _bundle(tmp_path_factory, model_dir, name, precision="fp32", tiled_decoder=True):
-    from meissonic_edge.export_onnx import export_onnx
+    from meissonic_edge.export.to_onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("bundles") / name
     return export_onnx(model_dir, folder, precision=precision, progress=False, tiled_decoder=tiled_decoder)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from meissonic_edge.adherence import Detection, adherence_score, detect, judge, outline_score
+from meissonic_edge.demo.adherence import Detection, adherence_score, detect, judge, outline_score
+from meissonic_edge.demo.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, draw, evaluation_scenes, random_scene
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, draw, evaluation_scenes, random_scene
 
 N_SCENES = 200  # ground truth drawn exactly
 N_PERTURBED = 100  # of those, how many are also perturbed, or prompted with a wrong attribute

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.cli import main
+from meissonic_edge.cli.app import main
 
 CLI = [sys.executable, "-m", "meissonic_edge.cli"]
 T_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
@@ -34,10 +34,10 @@ TE_WEIGHTS = "text_encoder/model.safetensors"
 
 # What every refusal must come before (in-process cases only): the first step that loads or runs a model.
 HEAVY_WORK = (
-    "meissonic_edge.export_onnx.check_cases",  # export, bench, demo, verify --model: load each model to export it
-    "meissonic_edge.runtime.OnnxPipeline.session",  # generate from a bundle: load a graph
-    "meissonic_edge.pipeline.ReferencePipeline.generate",  # generate from a model directory: sample
-    "meissonic_edge.sensitivity.encode_prompts",  # quant-sensitivity: run the text encoder, then the transformer
+    "meissonic_edge.export.to_onnx.check_cases",  # export, bench, demo, verify --model: load each model to export it
+    "meissonic_edge.runtime.onnx_pipeline.OnnxPipeline.session",  # generate from a bundle: load a graph
+    "meissonic_edge.model.reference.ReferencePipeline.generate",  # generate from a model directory: sample
+    "meissonic_edge.quant.sensitivity.encode_prompts",  # quant-sensitivity: run the text encoder, then the transformer
 )
 
 

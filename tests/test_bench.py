@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.bench import PHASES, bench, logit_agreement, ssim, variant_slug
-from meissonic_edge.bench_cli import add_bench_parser
-from meissonic_edge.bench_report import GRID_MIN_CELL
-from meissonic_edge.cli import Parser
+from meissonic_edge.bench.report import GRID_MIN_CELL
+from meissonic_edge.bench.runner import PHASES, bench, logit_agreement, ssim, variant_slug
+from meissonic_edge.cli.app import Parser
+from meissonic_edge.cli.bench import add_bench_parser
 from meissonic_edge.errors import ModelDirError, OptionsError
 
 STEPS = 3
@@ -49,13 +49,13 @@ def bench_run(tiny_model_dir, tiny_bundle, tiny_fp16_bundle, tmp_path_factory):
         return shutil.copytree(tiny_fp16_bundle, bundle_dir)
 
     logs = Records()
-    logger = logging.getLogger("meissonic_edge.bench")
+    logger = logging.getLogger("meissonic_edge.bench.runner")
     logger.addHandler(logs)
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("meissonic_edge.export_onnx.export_onnx", export_onnx)
+            patch.setattr("meissonic_edge.export.to_onnx.export_onnx", export_onnx)
             report = bench(
                 tiny_model_dir,
                 ["fp32", "fp16"],
@@ -109,7 +109,7 @@ def test_report_files(bench_run):
 
 
 def test_report_renders_again_from_its_json(bench_run):
-    from meissonic_edge.bench_report import markdown
+    from meissonic_edge.bench.report import markdown
 
     out, _, _, _ = bench_run
     saved = json.loads((out / "report.json").read_text())
@@ -266,9 +266,9 @@ def test_cli_parses_into_bench(tiny_model_dir, tmp_path, capsys):
 
 def test_adherence_scores_take_verdicts_with_outlines(tmp_path):
     """An evaluator that returns verdicts (as the demo's `--adherence shapes` does) also gives the mean outline IoU."""
-    from meissonic_edge.adherence import judge
-    from meissonic_edge.bench import adherence_scores
-    from meissonic_edge.shapes import draw, evaluation_scenes
+    from meissonic_edge.bench.runner import adherence_scores
+    from meissonic_edge.demo.adherence import judge
+    from meissonic_edge.demo.shapes import draw, evaluation_scenes
 
     scenes = evaluation_scenes()[:2]
     for index, scene in enumerate(scenes):

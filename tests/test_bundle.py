@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from meissonic_edge.bundle import BundleError, read_manifest, verify_files, write_manifest
+from meissonic_edge.runtime.bundle import BundleError, read_manifest, verify_files, write_manifest
 
 MODEL = {
     "mask_token_id": 71,

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meissonic_edge import load_model_dir, load_transformer
-from meissonic_edge.checkpoint import load_text_encoder
 from meissonic_edge.errors import ConfigError, ModelDirError, WeightsError
+from meissonic_edge.model.checkpoint import load_text_encoder
 
 
 @pytest.fixture

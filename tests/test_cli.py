@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from meissonic_edge.cli import build_parser, main, overrides
+from meissonic_edge.cli.app import build_parser, main, overrides
 
 
 def run(capsys, *argv):

@@ -8,8 +8,8 @@ import sys
 import pytest
 from tokenizers import pre_tokenizers
 
-from meissonic_edge.clip_vocab import MIN_VOCAB_SIZE, byte_alphabet, default_corpus, write_clip_tokenizer
 from meissonic_edge.errors import ConfigError
+from meissonic_edge.model.clip_vocab import MIN_VOCAB_SIZE, byte_alphabet, default_corpus, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,7 +99,7 @@ def test_same_arguments_same_bytes(clip_dir, tmp_path):
 
 def test_same_bytes_in_a_fresh_process(clip_dir, tmp_path):
     # The trainer's hash maps are seeded per process, so determinism must hold across processes too.
-    code = "import sys; from meissonic_edge.clip_vocab import write_clip_tokenizer as w; w(sys.argv[1], 1000)"
+    code = "import sys; from meissonic_edge.model.clip_vocab import write_clip_tokenizer as w; w(sys.argv[1], 1000)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh")], check=True)
     for name in FILES:
         assert (tmp_path / "fresh" / name).read_bytes() == (clip_dir / name).read_bytes(), name

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from meissonic_edge.config import SchedulerConfig, TransformerConfig
 from meissonic_edge.errors import ConfigError, ModelDirError
+from meissonic_edge.runtime.config import SchedulerConfig, TransformerConfig
 
 MEISSONIC = {
     "_class_name": "Transformer2DModel",

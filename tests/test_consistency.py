@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meissonic_edge import consistency
-from meissonic_edge.consistency import check_model_dir
 from meissonic_edge.errors import ConfigError, ModelDirError, WeightsError
+from meissonic_edge.model import consistency
+from meissonic_edge.model.consistency import check_model_dir
 
 DEMO_MODEL = Path(__file__).parent.parent / "meissonic_edge" / "demo_model"
 T_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"

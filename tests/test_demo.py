@@ -4,12 +4,12 @@ The shipped model itself is tested in test_demo_model.py."""
 
 import numpy as np
 
-from meissonic_edge.cli import main
-from meissonic_edge.demo import contact_sheet
+from meissonic_edge.cli.app import main
+from meissonic_edge.demo.run import contact_sheet
 
 
 def test_demo_without_the_model_is_one_line(tmp_path, monkeypatch, capsys):
-    import meissonic_edge.demo as demo
+    import meissonic_edge.demo.run as demo
 
     monkeypatch.setattr(demo, "DEMO_MODEL", tmp_path / "missing")
     assert main(["demo", "--output", str(tmp_path / "out")]) == 1

@@ -7,10 +7,10 @@ import re
 import pytest
 from safetensors import safe_open
 
-from meissonic_edge.adherence import outline_score
-from meissonic_edge.cli import main
-from meissonic_edge.demo import DEMO_MODEL, DEMO_PROMPTS, reference_adherence
-from meissonic_edge.shapes import evaluation_scenes
+from meissonic_edge.cli.app import main
+from meissonic_edge.demo.adherence import outline_score
+from meissonic_edge.demo.run import DEMO_MODEL, DEMO_PROMPTS, reference_adherence
+from meissonic_edge.demo.shapes import evaluation_scenes
 
 MAX_BYTES = 20 * 1024 * 1024  # the limit for a model committed to the repository
 # fp32 (PyTorch) adherence on the 45 held-out prompts at the model's defaults (no guidance, token temperature

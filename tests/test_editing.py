@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.cli import main
-from meissonic_edge.editing import MAX_STRETCH, open_image, parse_expand, plan_edit, repaint_grid
+from meissonic_edge.cli.app import main
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.pipeline import ReferencePipeline
-from meissonic_edge.runtime import OnnxPipeline
-from meissonic_edge.sampler import EditStart, GenerationOptions, mask_ratio, masked_step, sample
+from meissonic_edge.model.reference import ReferencePipeline
+from meissonic_edge.runtime.editing import MAX_STRETCH, open_image, parse_expand, plan_edit, repaint_grid
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
+from meissonic_edge.runtime.sampler import EditStart, GenerationOptions, mask_ratio, masked_step, sample
 
 MASK = 99
 
@@ -300,7 +300,7 @@ def test_editing_without_a_vq_encoder_is_refused_first(tiny_bundle, tmp_path, ed
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["graphs"]["vq_encoder"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    from meissonic_edge.bundle import BundleError
+    from meissonic_edge.runtime.bundle import BundleError
 
     with pytest.raises(BundleError, match="has no vq_encoder graph, which editing needs"):
         OnnxPipeline(bundle).generate("x", image=edit_inputs[0], steps=2)
@@ -308,8 +308,8 @@ def test_editing_without_a_vq_encoder_is_refused_first(tiny_bundle, tmp_path, ed
 
 @pytest.fixture(scope="module")
 def demo_fp32_bundle(tmp_path_factory):
-    from meissonic_edge.demo import DEMO_MODEL
-    from meissonic_edge.export_onnx import export_onnx
+    from meissonic_edge.demo.run import DEMO_MODEL
+    from meissonic_edge.export.to_onnx import export_onnx
 
     return export_onnx(DEMO_MODEL, tmp_path_factory.mktemp("demo") / "fp32", progress=False, tiled_decoder=False)
 
@@ -317,8 +317,8 @@ def demo_fp32_bundle(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_model_edits_with_the_reference_tokens(demo_fp32_bundle, tmp_path):
     """The trained demo model: inpainting and img2img of a drawn scene give the reference's tokens."""
-    from meissonic_edge.demo import DEMO_MODEL
-    from meissonic_edge.demo_edits import edit_examples
+    from meissonic_edge.demo.edits import edit_examples
+    from meissonic_edge.demo.run import DEMO_MODEL
 
     runtime = OnnxPipeline(demo_fp32_bundle, threads=1)
     reference = ReferencePipeline.from_model_dir(DEMO_MODEL)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from meissonic_edge import export_coreml as exporter
-from meissonic_edge.bundle import read_manifest, verify_files
-from meissonic_edge.checkpoint import load_vqvae
-from meissonic_edge.config import TransformerConfig
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.export_onnx import TextEncoderGraph, VQEncoderGraph, check_cases, reference_outputs
+from meissonic_edge.export import parity
+from meissonic_edge.export import to_coreml as exporter
+from meissonic_edge.export.to_onnx import TextEncoderGraph, VQEncoderGraph, check_cases, reference_outputs
+from meissonic_edge.model.checkpoint import load_vqvae
+from meissonic_edge.runtime.bundle import read_manifest, verify_files
+from meissonic_edge.runtime.config import TransformerConfig
 
 WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"
 CHECK = (64, 64)
@@ -342,7 +343,7 @@ def test_kmeans_palette():
 
 def test_dropping_aliases_keeps_the_text_encoders_outputs(tiny_model_dir):
     """coremltools cannot translate `aten.alias`: the rewrite that removes them must not change the graph."""
-    from meissonic_edge.checkpoint import load_text_encoder
+    from meissonic_edge.model.checkpoint import load_text_encoder
 
     graph = TextEncoderGraph(load_text_encoder(tiny_model_dir)).eval()
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
@@ -426,7 +427,7 @@ def prediction_feeds(component: str, shapes: dict, inputs: dict, decoder) -> dic
 )
 def test_packages_predict_like_pytorch_on_macos(fp16_bundle, int4_bundle, tiny_model_dir):  # pragma: no cover
     """On a Mac: run every package (CPU, fp16 arithmetic) and compare with PyTorch, thresholds of the precision."""
-    from meissonic_edge.export_onnx import VQDecoderGraph
+    from meissonic_edge.export.to_onnx import VQDecoderGraph
 
     ct = exporter.import_coremltools()
     decoder = VQDecoderGraph(load_vqvae(tiny_model_dir)).eval()
@@ -445,4 +446,4 @@ def test_packages_predict_like_pytorch_on_macos(fp16_bundle, int4_bundle, tiny_m
                 out = model.predict({name: value.numpy().astype(types[name]) for name, value in feeds.items()})
                 got = [np.asarray(out[spec["name"]]) for spec in package["outputs"]]
                 checks = exporter.fidelity_checks(component, got, refs, graphs[component]["precision"])
-                exporter.require(f"{package['package']} on Core ML", checks)
+                parity.require(f"{package['package']} on Core ML", checks)

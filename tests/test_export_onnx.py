@@ -6,11 +6,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from meissonic_edge import export_onnx as exporter
 from meissonic_edge import load_transformer
-from meissonic_edge.bundle import read_manifest, verify_files
-from meissonic_edge.checkpoint import load_vqvae
-from meissonic_edge.export_onnx import ParityError, VQDecoderGraph, export_onnx
+from meissonic_edge.export import parity
+from meissonic_edge.export.parity import ParityError
+from meissonic_edge.export.to_onnx import VQDecoderGraph, export_onnx
+from meissonic_edge.model.checkpoint import load_vqvae
+from meissonic_edge.runtime.bundle import read_manifest, verify_files
 
 CONTRACT = {
     "text_encoder": (
@@ -74,7 +75,7 @@ def test_transformer_graph_matches_pytorch_at_other_shapes(tiny_bundle, tiny_mod
             ref = transformer(**inputs).numpy()
         got = graph.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
         assert got.shape == (batch, height * width, 64)
-        assert np.abs(got - ref).max() <= exporter.MAX_ABS_REL["fp32"] * max(1, np.abs(ref).max())
+        assert np.abs(got - ref).max() <= parity.MAX_ABS_REL["fp32"] * max(1, np.abs(ref).max())
 
 
 def test_vq_decoder_graph_non_square(tiny_bundle, tiny_model_dir):
@@ -84,7 +85,7 @@ def test_vq_decoder_graph_non_square(tiny_bundle, tiny_model_dir):
         ref = vq(tokens).numpy()
     got = session(tiny_bundle, "vq_decoder").run(None, {"tokens": tokens.numpy()})[0]
     assert got.shape == (1, 3, 48, 80)
-    assert exporter.psnr(got, ref) >= exporter.MIN_PSNR_DB["fp32"]
+    assert parity.psnr(got, ref) >= parity.MIN_PSNR_DB["fp32"]
 
 
 def test_vq_encoder_round_trip_shapes(tiny_bundle):
@@ -105,7 +106,7 @@ def test_nodes_have_hierarchical_names(tiny_bundle):
 
 def test_failed_parity_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     # impossible for a cosine: the first graph's check (the text encoder's) fails and the export stops there
-    monkeypatch.setitem(exporter.MIN_COSINE, "fp32", 1.01)
+    monkeypatch.setitem(parity.MIN_COSINE, "fp32", 1.01)
     with pytest.raises(ParityError, match=r"text_encoder does not match the PyTorch reference: \w+_cosine="):
         export_onnx(tiny_model_dir, tmp_path / "bundle", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from meissonic_edge.guided import GUIDED_GRAPH, GuidedGraphError, guided_reference, make_guided
+from meissonic_edge.export.guided import GUIDED_GRAPH, GuidedGraphError, guided_reference, make_guided
 
 
 def run(path, feed):
@@ -46,8 +46,8 @@ def test_bundle_records_and_checks_the_guided_graph(tiny_bundle):
 
 def test_guided_graph_shares_external_weights(tiny_model_dir, tmp_path, monkeypatch):
     """With weights beside the graph, the guided graph is a small file reading the same .data file."""
-    import meissonic_edge.export_onnx as export_onnx
-    import meissonic_edge.quantize as quantize
+    import meissonic_edge.export.to_onnx as export_onnx
+    import meissonic_edge.quant.quantize as quantize
 
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 1000)
     monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 1000)

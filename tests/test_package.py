@@ -8,8 +8,8 @@ HEAVY = ("torch", "transformers", "diffusers", "onnx", "coremltools", "safetenso
 
 def test_runtime_modules_import_without_torch():
     code = (
-        "import sys, meissonic_edge, meissonic_edge.sampler, meissonic_edge.tokenizer, meissonic_edge.cli, "
-        "meissonic_edge.config, meissonic_edge.imaging, meissonic_edge.fileio\n"
+        "import sys, meissonic_edge, meissonic_edge.runtime.sampler, meissonic_edge.runtime.tokenizer, "
+        "meissonic_edge.cli.app, meissonic_edge.runtime.config, meissonic_edge.runtime.imaging, meissonic_edge.fileio\n"
         f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded"
     )

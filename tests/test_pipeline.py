@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.pipeline import ReferencePipeline
+from meissonic_edge.model.reference import ReferencePipeline
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,18 @@ import pytest
 from torch import nn
 
 from meissonic_edge import load_transformer
-from meissonic_edge.bundle import read_manifest
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.export_onnx import MIN_COSINE, export_onnx
-from meissonic_edge.model import Downsample, PointwiseConv, Upsample
-from meissonic_edge.quantize import (
+from meissonic_edge.export.parity import MIN_COSINE
+from meissonic_edge.export.to_onnx import export_onnx
+from meissonic_edge.model.transformer import Downsample, PointwiseConv, Upsample
+from meissonic_edge.quant.quantize import (
     ComponentPrecision,
     float_weights_left,
     parse_recipe,
     quantize_graph,
 )
-from meissonic_edge.runtime import OnnxPipeline
+from meissonic_edge.runtime.bundle import read_manifest
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from meissonic_edge.bundle import BundleError
-from meissonic_edge.cli import main
+from meissonic_edge.cli.app import main
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.pipeline import ReferencePipeline
-from meissonic_edge.runtime import OnnxPipeline
+from meissonic_edge.model.reference import ReferencePipeline
+from meissonic_edge.runtime.bundle import BundleError
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
 
 SETTINGS = dict(steps=6, seed=5, height=64, width=96, guidance_scale=9.0, negative_prompt="blurry")
 
@@ -168,7 +168,7 @@ class Block:
         if name.split(".")[0] in {"torch", "transformers", "diffusers", "safetensors", "onnxscript"}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-from meissonic_edge.cli import main
+from meissonic_edge.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 

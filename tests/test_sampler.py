@@ -6,9 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from meissonic_edge import sampler
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.sampler import GenerationOptions, apply_guidance, draw_tokens, masked_step, sample
+from meissonic_edge.runtime import sampler
+from meissonic_edge.runtime.sampler import GenerationOptions, apply_guidance, draw_tokens, masked_step, sample
 
 MASK = 99
 

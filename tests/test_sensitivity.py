@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from meissonic_edge import sensitivity
-from meissonic_edge.checkpoint import load_transformer
 from meissonic_edge.errors import MeissonicError, OptionsError
-from meissonic_edge.quantize import load_recipe_file
-from meissonic_edge.sensitivity import (
+from meissonic_edge.model.checkpoint import load_transformer
+from meissonic_edge.quant import sensitivity
+from meissonic_edge.quant.quantize import load_recipe_file
+from meissonic_edge.quant.sensitivity import (
     ALL_GROUPS,
     QUANTIZED_LAYERS,
     Sizes,
@@ -262,8 +262,8 @@ def test_missing_model_dir(tmp_path):
 def test_command(tiny_model_dir, tmp_path, capsys):
     import argparse
 
-    from meissonic_edge.cli import Parser
-    from meissonic_edge.sensitivity_cli import add_sensitivity_parser
+    from meissonic_edge.cli.app import Parser
+    from meissonic_edge.cli.sensitivity import add_sensitivity_parser
 
     parser = Parser(prog="meissonic-edge")
     add_sensitivity_parser(parser.add_subparsers(dest="command", parser_class=Parser))
@@ -294,7 +294,7 @@ def test_fake_quantized_model_is_onnxruntime_int4_graph(tiny_model_dir, tmp_path
 
     import onnxruntime as ort
 
-    from meissonic_edge.quantize import ComponentPrecision, quantize_graph
+    from meissonic_edge.quant.quantize import ComponentPrecision, quantize_graph
 
     model = load_transformer(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
@@ -330,5 +330,5 @@ def test_command_module_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, meissonic_edge.sensitivity_cli\nassert 'torch' not in sys.modules, 'torch loaded'"
+    code = "import sys, meissonic_edge.cli.sensitivity\nassert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from meissonic_edge.errors import OptionsError
-from meissonic_edge.shapes import (
+from meissonic_edge.demo.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -16,6 +15,7 @@ from meissonic_edge.shapes import (
     parse_prompt,
     random_scene,
 )
+from meissonic_edge.errors import OptionsError
 
 
 def test_captions_parse_back_to_their_scene():

@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from meissonic_edge.bundle import BundleError
-from meissonic_edge.checkpoint import load_vqvae
-from meissonic_edge.export_tiled import TiledExportError, require_structure
-from meissonic_edge.runtime import OnnxPipeline
-from meissonic_edge.tiled_decoder import TILED_GRAPH, GroupStats, TiledDecodeError, TiledDecoder, strip_rows
+from meissonic_edge.export.tiled import TiledExportError, require_structure
+from meissonic_edge.model.checkpoint import load_vqvae
+from meissonic_edge.runtime.bundle import BundleError
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
+from meissonic_edge.runtime.tiled_decoder import TILED_GRAPH, GroupStats, TiledDecodeError, TiledDecoder, strip_rows
 
 PSNR_BOUND_DB = 35.0  # the bound for tiled against untiled decoding
 

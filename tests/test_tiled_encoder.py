@@ -8,14 +8,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from meissonic_edge import export_onnx
-from meissonic_edge.bundle import graph_files
-from meissonic_edge.checkpoint import load_vqvae
-from meissonic_edge.export_tiled import TiledExportError, require_encoder_structure
-from meissonic_edge.pipeline import vq_tokens
-from meissonic_edge.runtime import OnnxPipeline
-from meissonic_edge.tiled_decoder import Stored
-from meissonic_edge.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
+from meissonic_edge.export import parity
+from meissonic_edge.export import to_onnx as export_onnx
+from meissonic_edge.export.tiled import TiledExportError, require_encoder_structure
+from meissonic_edge.model.checkpoint import load_vqvae
+from meissonic_edge.model.reference import vq_tokens
+from meissonic_edge.runtime.bundle import graph_files
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
+from meissonic_edge.runtime.tiled_decoder import Stored
+from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
 
 MIN_AGREEMENT = 0.99  # share of tokens equal to the untiled graph's
 
@@ -78,7 +79,7 @@ def test_bundle_records_the_tiled_encoder(tiny_bundle):
     entry = manifest["graphs"][TILED_ENCODER_GRAPH]
     assert entry["precision"] == "fp16" and entry["variant_of"] == "vq_encoder"
     check = entry["parity"]["token_agreement"]
-    assert check["passed"] and check["threshold"] == export_onnx.MIN_TOKEN_AGREEMENT["fp16"]
+    assert check["passed"] and check["threshold"] == parity.MIN_TOKEN_AGREEMENT["fp16"]
     kinds = [op["kind"] for op in entry["ops"]]
     assert kinds[0] == "input" and kinds.count("downsample") == 4  # f=16: four stride-2 convolutions
     files = graph_files(entry)
@@ -133,7 +134,7 @@ def test_a_corrupted_layer_graph_fails_the_export(tiny_model_dir, tmp_path, monk
     def load():
         return export_onnx.VQEncoderGraph(load_vqvae(tiny_model_dir))
 
-    with pytest.raises(export_onnx.ParityError, match="vq_encoder_tiled does not match the PyTorch reference"):
+    with pytest.raises(parity.ParityError, match="vq_encoder_tiled does not match the PyTorch reference"):
         export_onnx.export_tiled_encoder(load, {"image": images}, tmp_path, reference)
 
 

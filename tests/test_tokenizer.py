@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from meissonic_edge.clip_vocab import write_clip_tokenizer
 from meissonic_edge.errors import ModelDirError
-from meissonic_edge.tokenizer import MAX_LENGTH, ClipTokenizer
+from meissonic_edge.model.clip_vocab import write_clip_tokenizer
+from meissonic_edge.runtime.tokenizer import MAX_LENGTH, ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,7 +156,7 @@ def test_single_string_and_layout(tokenizer_dirs):
 
 def test_long_prompt_is_cut_with_a_warning(tokenizer_dirs, caplog):
     tokenizer = ClipTokenizer.from_dir(tokenizer_dirs["without_json"])
-    with caplog.at_level(logging.WARNING, logger="meissonic_edge.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="meissonic_edge.runtime.tokenizer"):
         ids = tokenizer.encode(["a red circle", LONG])
     assert ids[1, -1] == tokenizer.vocab_size - 1  # eos kept at the end
     messages = [record.getMessage() for record in caplog.records]
@@ -164,7 +164,7 @@ def test_long_prompt_is_cut_with_a_warning(tokenizer_dirs, caplog):
     assert "dropped its last 125 token(s)" in messages[0]  # 200 one-token words, 75 kept
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="meissonic_edge.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="meissonic_edge.runtime.tokenizer"):
         tokenizer.encode("red " * 75)  # exactly 75 text tokens fit
     assert caplog.records == []
 
@@ -184,7 +184,7 @@ def test_missing_directory_and_files(tokenizer_dirs, tmp_path):
 
 def test_runtime_imports_neither_torch_nor_transformers():
     code = (
-        "import sys, meissonic_edge.tokenizer; "
+        "import sys, meissonic_edge.runtime.tokenizer; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(bool(bad))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

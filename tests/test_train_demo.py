@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from meissonic_edge.train_demo import (
+from meissonic_edge.demo.train import (
     GENERATION_DEFAULTS,
     TrainingRecipe,
     lr_at,
@@ -33,7 +33,7 @@ def test_training_is_deterministic(quick_model, tmp_path):
 
 
 def test_the_result_is_a_model_directory_that_generates(quick_model):
-    from meissonic_edge.pipeline import ReferencePipeline
+    from meissonic_edge.model.reference import ReferencePipeline
 
     log = json.loads((quick_model / "training_log.json").read_text())
     assert {"vq_decoder_loss", "vq_encoder_token_accuracy", "transformer_final_loss", "total_seconds"} <= set(log)
@@ -57,7 +57,7 @@ def test_the_vq_stage_is_cached_and_reused(tmp_path):
 
 def test_the_vq_stage_key_follows_the_dataset(monkeypatch):
     """A cached VQ stage is not reused for another dataset: the key names what the scenes look like."""
-    from meissonic_edge import shapes
+    from meissonic_edge.demo import shapes
 
     recipe = TrainingRecipe()
     key = vq_stage_key(recipe)

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="a red triangle at the top left on a white background")
     args = parser.parse_args()
 
-    from meissonic_edge.runtime import OnnxPipeline
+    from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
 
     baseline = rss_now()
     started = time.perf_counter()

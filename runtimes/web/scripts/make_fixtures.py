@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from meissonic_edge import runtime as runtime_module
-from meissonic_edge.runtime import OnnxPipeline
-from meissonic_edge.sampler import EditStart, GenerationOptions, mask_ratio, sample
-from meissonic_edge.tokenizer import ClipTokenizer
+from meissonic_edge.runtime import onnx_pipeline as runtime_module
+from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
+from meissonic_edge.runtime.sampler import EditStart, GenerationOptions, mask_ratio, sample
+from meissonic_edge.runtime.tokenizer import ClipTokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
@@ -384,7 +384,7 @@ def write_edit_generation(out: Path, name: str, bundle: Path, prompt: str, mask:
     left half (mask=True). Records the image (RGBA), the repaint grid, the encoder's tokens and every step's."""
     from PIL import Image
 
-    from meissonic_edge.editing import plan_edit
+    from meissonic_edge.runtime.editing import plan_edit
 
     pipe = OnnxPipeline(bundle)
     image = pipe("a green square at the center on a white background", steps=16, seed=5)

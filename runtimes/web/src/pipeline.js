@@ -1,6 +1,6 @@
 // pipeline.js — prompt -> image from a bundle with onnxruntime-web: the text encoder, the masked sampling
 // loop over the transformer graph (the guided graph when there is guidance and the bundle has it), and
-// the VQ decoder. The JavaScript counterpart of meissonic_edge/runtime.py's OnnxPipeline.
+// the VQ decoder. The JavaScript counterpart of meissonic_edge/runtime/onnx_pipeline.py's OnnxPipeline.
 //
 //   import * as ort from "onnxruntime-web";
 //   const pipe = await WebPipeline.load(httpSource("/bundles/demo/"), { ort });

@@ -1,5 +1,5 @@
 // sampler.js — the masked sampling loop (MaskGIT-style parallel decoding), a port of
-// meissonic_edge/sampler.py (text-to-image and editing) that picks the same tokens for the same logits and seed.
+// meissonic_edge/runtime/sampler.py (text-to-image and editing) that picks the same tokens for the same logits and seed.
 //
 // Semantics (see sampler.py's docstring): start fully masked; step i of N gives the model timestep
 // N-1-i; with guidance, logits = uncond + s (cond - uncond); each masked position draws a token from

@@ -1,5 +1,5 @@
 // tokenizer.js — the CLIP tokenizer of a bundle: prompt -> 77 int64 ids, exactly as the Python runtime's
-// ClipTokenizer (meissonic_edge/tokenizer.py): bos, at most 75 text tokens, eos, then the pad token.
+// ClipTokenizer (meissonic_edge/runtime/tokenizer.py): bos, at most 75 text tokens, eos, then the pad token.
 //
 // The BPE itself (normalizer, CLIP's word split, byte-level BPE with `</w>`) runs in Hugging Face's
 // @huggingface/tokenizers (pure JavaScript, no dependencies), from the bundle's own tokenizer.json. This
