@@ -35,8 +35,8 @@ def export_encoders(preset: str, folder: Path, precisions: list[str]) -> dict[st
     encoder (`folder/vq_encoder_tiled/`, its manifest entry in `folder/tiled.json`)."""
     import torch
 
+    from meissonic_edge.export.graphs import VQEncoderGraph, export_graph
     from meissonic_edge.export.tiled import VQEncoderTail, write_encoder_layer_graphs
-    from meissonic_edge.export.to_onnx import VQEncoderGraph, export_graph
     from meissonic_edge.model.presets import PRESETS, build_vqvae
     from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH
 
@@ -68,7 +68,7 @@ def child(job: dict) -> dict:
     """One encode in this process: load the session with the runtime's policy, encode a size x size image."""
     import onnxruntime as ort
 
-    from meissonic_edge.bench.runner import RssMonitor, max_rss_bytes, mib
+    from meissonic_edge.bench.memory import RssMonitor, max_rss_bytes, mib
     from meissonic_edge.runtime.heap import trim_heap
     from meissonic_edge.runtime.onnx_pipeline import session_options
     from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder

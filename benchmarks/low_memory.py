@@ -20,7 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from meissonic_edge.bench.runner import PHASES, generation_job, run_child
+from meissonic_edge.bench.results import PHASES
+from meissonic_edge.bench.runner import generation_job, run_child
 
 PROMPT = "a photo of a red fox in the snow"
 

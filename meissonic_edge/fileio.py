@@ -1,4 +1,4 @@
-"""Writing output folders so that a failure never leaves a half-written one looking whole."""
+"""Writing outputs so that a failure never leaves a half-written file or folder looking whole."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from meissonic_edge.errors import OptionsError
 
@@ -26,9 +27,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        ordinary_permissions(tmp, 0o777)
     except OSError as e:
         raise OptionsError(f"cannot write {path}: {e.strerror}") from None
     try:
@@ -43,3 +42,30 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ordinary_permissions(path: str | Path, mode: int) -> None:
+    """Give a file or folder that mkstemp/mkdtemp made private the permissions the umask gives a new one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write `path` through a temporary file beside it, renamed over `path` only when `write(file)` succeeds."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        ordinary_permissions(tmp, 0o666)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_atomic` for text, UTF-8."""
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 
 CLI = [sys.executable, "-m", "meissonic_edge.cli"]
 T_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"

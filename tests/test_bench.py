@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from meissonic_edge.bench.fidelity import logit_agreement, ssim
 from meissonic_edge.bench.report import GRID_MIN_CELL
-from meissonic_edge.bench.runner import PHASES, bench, logit_agreement, ssim, variant_slug
-from meissonic_edge.cli.app import Parser
+from meissonic_edge.bench.results import PHASES
+from meissonic_edge.bench.runner import bench, variant_slug
+from meissonic_edge.cli.args import Parser
 from meissonic_edge.cli.bench import add_bench_parser
 from meissonic_edge.errors import ModelDirError, OptionsError
 

@@ -4,7 +4,7 @@ The shipped model itself is tested in test_demo_model.py."""
 
 import numpy as np
 
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 from meissonic_edge.demo.run import contact_sheet
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from safetensors import safe_open
 
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 from meissonic_edge.demo.adherence import outline_score
 from meissonic_edge.demo.run import DEMO_MODEL, DEMO_PROMPTS, reference_adherence
 from meissonic_edge.demo.shapes import evaluation_scenes

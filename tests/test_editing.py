@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 from meissonic_edge.errors import OptionsError
 from meissonic_edge.model.reference import ReferencePipeline
 from meissonic_edge.runtime.editing import MAX_STRETCH, open_image, parse_expand, plan_edit, repaint_grid

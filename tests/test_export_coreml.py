@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.export import parity
+from meissonic_edge.export import coreml_compress, coreml_package, coreml_tools, parity
 from meissonic_edge.export import to_coreml as exporter
-from meissonic_edge.export.to_onnx import TextEncoderGraph, VQEncoderGraph, check_cases, reference_outputs
+from meissonic_edge.export.cases import check_cases
+from meissonic_edge.export.graphs import TextEncoderGraph, VQEncoderGraph, reference_outputs
 from meissonic_edge.model.checkpoint import load_vqvae
 from meissonic_edge.runtime.bundle import read_manifest, verify_files
 from meissonic_edge.runtime.config import TransformerConfig
@@ -68,7 +69,7 @@ def weight_bytes(package):
 
 def compressed_elements(package):
     """Weights the package stores compressed: the sizes of its constexpr ops' outputs, read from the spec."""
-    ct = exporter.import_coremltools()
+    ct = coreml_tools.import_coremltools()
     function = ct.utils.load_spec(str(package)).mlProgram.functions["main"]
     ops = function.block_specializations[function.opset].operations
     dims = [op.outputs[0].type.tensorType.dimensions for op in ops if op.type.startswith("constexpr_")]
@@ -117,9 +118,9 @@ TINY_CONTRACT = {  # tiny: Dt = Dp = 32, codebook 64; transformer and text encod
 
 @pytest.mark.slow
 def test_packages_load_as_specs_with_the_contract(fp16_bundle):
-    ct = exporter.import_coremltools()
+    ct = coreml_tools.import_coremltools()
     for name, (inputs, outputs) in TINY_CONTRACT.items():
-        io = exporter.package_io(fp16_bundle / name)
+        io = coreml_package.package_io(fp16_bundle / name)
         assert [(f["name"], f["dtype"], f["shape"]) for f in io["inputs"]] == inputs, name
         assert [(f["name"], f["dtype"], f["shape"]) for f in io["outputs"]] == outputs, name
         model = ct.models.MLModel(str(fp16_bundle / name), skip_model_load=True)
@@ -137,7 +138,7 @@ def test_packages_load_as_specs_with_the_contract(fp16_bundle):
 def test_fp16_transformer_keeps_the_models_float32_islands(fp16_bundle):
     from coremltools.proto import MIL_pb2
 
-    ct = exporter.import_coremltools()
+    ct = coreml_tools.import_coremltools()
     function = ct.utils.load_spec(str(fp16_bundle / "transformer_64.mlpackage")).mlProgram.functions["main"]
     dtypes = {}
     for op in function.block_specializations[function.opset].operations:
@@ -184,14 +185,14 @@ def test_int4_bundle_compresses_every_linear_layer_and_embedding(int4_bundle, fp
         assert package["compression"]["float16_weights"] == [] and package["compression"]["fallbacks"] == []
         assert graph["quantization"]["float_weight_ops"] == 0
     transformer = int4_bundle / "transformer_64.mlpackage"
-    assert exporter.package_ops(transformer)["constexpr_blockwise_shift_scale"] == 41  # 40 linear + embedding
-    assert exporter.package_weight_dtypes(transformer) == {"constexpr_blockwise_shift_scale:data:INT4": 41}
+    assert coreml_package.package_ops(transformer)["constexpr_blockwise_shift_scale"] == 41  # 40 linear + embedding
+    assert coreml_package.package_weight_dtypes(transformer) == {"constexpr_blockwise_shift_scale:data:INT4": 41}
     assert_shrinks(transformer, fp16_bundle / "transformer_64.mlpackage", bits=4)
     assert_shrinks(int4_bundle / "text_encoder.mlpackage", fp16_bundle / "text_encoder.mlpackage", bits=4)
     # the VQ graphs asked for by name: int8 convolutions and codebook, 6-bit palettes
     decoder = int4_bundle / "vq_decoder_64.mlpackage"
-    assert exporter.package_weight_dtypes(decoder)["constexpr_blockwise_shift_scale:data:INT8"] > 0
-    assert exporter.package_ops(int4_bundle / "vq_encoder_64.mlpackage")["constexpr_lut_to_dense"] > 0
+    assert coreml_package.package_weight_dtypes(decoder)["constexpr_blockwise_shift_scale:data:INT8"] > 0
+    assert coreml_package.package_ops(int4_bundle / "vq_encoder_64.mlpackage")["constexpr_lut_to_dense"] > 0
     assert_shrinks(decoder, fp16_bundle / "vq_decoder_64.mlpackage", bits=8)
 
 
@@ -213,8 +214,8 @@ def test_compressed_graphs(graphs, fp16_bundle, precision, data_type, bits):
             continue
         folder, entry = graphs[component, precision]
         package = folder / package_name
-        assert sum(exporter.package_weight_dtypes(package).values()) == weights  # every weight, fallbacks included
-        assert data_type in exporter.package_weight_dtypes(package)
+        assert sum(coreml_package.package_weight_dtypes(package).values()) == weights  # each weight, fallbacks included
+        assert data_type in coreml_package.package_weight_dtypes(package)
         report = entry["packages"][next(iter(entry["packages"]))]["compression"]
         assert report["compressed_weights"] == weights and report["float16_weights"] == []
         assert_shrinks(package, fp16_bundle / package_name, bits)
@@ -229,7 +230,7 @@ def test_compressed_graphs(graphs, fp16_bundle, precision, data_type, bits):
 def test_ios17_int8_uses_the_ios16_dequantize_op(tiny_model_dir, tmp_path):
     entry = convert(tiny_model_dir, tmp_path, "text_encoder", "int8", target="iOS17", batch=1)
     package = tmp_path / "text_encoder.mlpackage"
-    assert exporter.package_ops(package)["constexpr_affine_dequantize"] == 14
+    assert coreml_package.package_ops(package)["constexpr_affine_dequantize"] == 14
     assert entry["packages"]["any"]["inputs"] == [{"name": "input_ids", "dtype": "int32", "shape": [1, 77]}]
 
 
@@ -248,7 +249,7 @@ def test_package_weights_are_the_quantization_math_applied_to_the_pytorch_weight
         peak = np.abs(blocks).max(-1, keepdims=True)
         scale = (peak - -peak) / np.float16(2 * levels)
         expected = (np.clip(np.round(blocks / scale), -levels, levels) * scale).reshape(w16.shape)
-        got = exporter.decompressed_weights(package)["p_inner_single_transformer_blocks_0_proj_mlp_weight"]
+        got = coreml_package.decompressed_weights(package)["p_inner_single_transformer_blocks_0_proj_mlp_weight"]
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-3, atol=1e-6)
         assert not np.array_equal(got, w16)  # really quantized
 
@@ -285,9 +286,10 @@ def test_int8_and_int4_fidelity_within_bounds(int4_bundle, graphs):
 def test_fidelity_reads_the_package_weights(int4_bundle, tiny_model_dir):
     """The fidelity module holds the package's int4 weights (not PyTorch's), the converter's folded layouts undone."""
     from meissonic_edge import load_transformer
+    from meissonic_edge.export.graphs import Float16Graph
 
     config = TransformerConfig.from_json_file(tiny_model_dir / "transformer" / "config.json")
-    expected = exporter.contract("transformer", 2, (64, 64), config)
+    expected = coreml_package.contract("transformer", 2, (64, 64), config)
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "encoder_hidden_states": torch.randn(2, 77, 32, generator=generator),
@@ -296,9 +298,9 @@ def test_fidelity_reads_the_package_weights(int4_bundle, tiny_model_dir):
         "timestep": torch.tensor([3.0, 3.0]),
     }
     sample = exporter.example_inputs("transformer", inputs, 2, (64, 64), config)
-    fp16 = exporter.Float16Graph(load_transformer(tiny_model_dir))
+    fp16 = Float16Graph(load_transformer(tiny_model_dir))
     mlmodel = exporter.convert_package(fp16, sample, "transformer", expected, "iOS18")
-    sources = exporter.weight_sources(mlmodel._mil_program, fp16.inner, "inner.")
+    sources = coreml_package.weight_sources(mlmodel._mil_program, fp16.inner, "inner.")
     assert len(sources) == 41
     folded = {s.param: s.axes for name, s in sources.items() if not name.startswith("p_")}
     assert folded == {  # 1x1 and 2x2 convolutions computed as matrix products: new constants
@@ -309,7 +311,7 @@ def test_fidelity_reads_the_package_weights(int4_bundle, tiny_model_dir):
         "mlm_layer.conv2.weight": None,
     }
     reference, module = load_transformer(tiny_model_dir), load_transformer(tiny_model_dir)
-    exporter.load_package_weights(module, int4_bundle / "transformer_64.mlpackage", sources)
+    coreml_package.load_package_weights(module, int4_bundle / "transformer_64.mlpackage", sources)
     for name in ("embed.embeddings.weight", "mlm_layer.conv2.weight", "up_block.upsample.conv.weight"):
         got, ref = dict(module.named_parameters())[name].detach(), dict(reference.named_parameters())[name].detach()
         assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.2 * float(ref.abs().max()))
@@ -319,25 +321,25 @@ def test_trace_constant_finds_permuted_and_scaled_parameters():
     generator = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(4, 6, 2, 2, generator=generator), "b": torch.randn(96, generator=generator)}
     value = (-2 * params["a"].permute(2, 3, 1, 0).reshape(24, 4)).half().numpy()
-    source = exporter.trace_constant(value, params)
-    assert source == exporter.Source("a", (2, 3, 1, 0), pytest.approx(-2.0, rel=1e-3))
-    assert exporter.trace_constant(np.ones((5, 5), np.float16), params) is None
+    source = coreml_package.trace_constant(value, params)
+    assert source == coreml_package.Source("a", (2, 3, 1, 0), pytest.approx(-2.0, rel=1e-3))
+    assert coreml_package.trace_constant(np.ones((5, 5), np.float16), params) is None
 
 
 def test_kmeans_palette():
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((16, 64)).astype(np.float16)
-    lut, indices = exporter.kmeans_palette(4)(weights)
+    lut, indices = coreml_compress.kmeans_palette(4)(weights)
     assert lut.shape == (16,) and lut.dtype == np.float16 and indices.shape == (weights.size,)
     assert indices.dtype == np.uint8 and indices.max() < 16 and np.all(np.diff(lut.astype(np.float32)) >= 0)
     error = np.abs(lut[indices].reshape(weights.shape).astype(np.float32) - weights).mean()
     uniform = np.linspace(weights.min(), weights.max(), 16).astype(np.float32)
     uniform_error = np.abs(uniform[np.abs(weights.ravel()[:, None] - uniform).argmin(1)] - weights.ravel()).mean()
     assert error < 0.7 * uniform_error
-    lut2, indices2 = exporter.kmeans_palette(4)(weights)
+    lut2, indices2 = coreml_compress.kmeans_palette(4)(weights)
     assert np.array_equal(lut, lut2) and np.array_equal(indices, indices2)  # deterministic
     few = np.array([[0.5, -1.0, 0.5]], dtype=np.float16)  # fewer distinct values than entries: exact
-    lut, indices = exporter.kmeans_palette(6)(few)
+    lut, indices = coreml_compress.kmeans_palette(6)(few)
     assert np.array_equal(lut[indices], few.ravel()) and lut.shape == (64,)
 
 
@@ -427,9 +429,9 @@ def prediction_feeds(component: str, shapes: dict, inputs: dict, decoder) -> dic
 )
 def test_packages_predict_like_pytorch_on_macos(fp16_bundle, int4_bundle, tiny_model_dir):  # pragma: no cover
     """On a Mac: run every package (CPU, fp16 arithmetic) and compare with PyTorch, thresholds of the precision."""
-    from meissonic_edge.export.to_onnx import VQDecoderGraph
+    from meissonic_edge.export.graphs import VQDecoderGraph
 
-    ct = exporter.import_coremltools()
+    ct = coreml_tools.import_coremltools()
     decoder = VQDecoderGraph(load_vqvae(tiny_model_dir)).eval()
     for bundle in (fp16_bundle, int4_bundle):
         graphs = read_manifest(bundle)["graphs"]
@@ -445,5 +447,5 @@ def test_packages_predict_like_pytorch_on_macos(fp16_bundle, int4_bundle, tiny_m
                 }
                 out = model.predict({name: value.numpy().astype(types[name]) for name, value in feeds.items()})
                 got = [np.asarray(out[spec["name"]]) for spec in package["outputs"]]
-                checks = exporter.fidelity_checks(component, got, refs, graphs[component]["precision"])
+                checks = coreml_package.fidelity_checks(component, got, refs, graphs[component]["precision"])
                 parity.require(f"{package['package']} on Core ML", checks)

@@ -8,8 +8,9 @@ import torch
 
 from meissonic_edge import load_transformer
 from meissonic_edge.export import parity
+from meissonic_edge.export.graphs import VQDecoderGraph
 from meissonic_edge.export.parity import ParityError
-from meissonic_edge.export.to_onnx import VQDecoderGraph, export_onnx
+from meissonic_edge.export.to_onnx import export_onnx
 from meissonic_edge.model.checkpoint import load_vqvae
 from meissonic_edge.runtime.bundle import read_manifest, verify_files
 

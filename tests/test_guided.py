@@ -46,10 +46,11 @@ def test_bundle_records_and_checks_the_guided_graph(tiny_bundle):
 
 def test_guided_graph_shares_external_weights(tiny_model_dir, tmp_path, monkeypatch):
     """With weights beside the graph, the guided graph is a small file reading the same .data file."""
+    import meissonic_edge.export.graphs as graphs
     import meissonic_edge.export.to_onnx as export_onnx
     import meissonic_edge.quant.quantize as quantize
 
-    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 1000)
     monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 1000)
     bundle = export_onnx.export_onnx(
         tiny_model_dir, tmp_path / "b", precision="int4", progress=False, tiled_decoder=False

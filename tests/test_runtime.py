@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 from meissonic_edge.errors import OptionsError
 from meissonic_edge.model.reference import ReferencePipeline
 from meissonic_edge.runtime.bundle import BundleError
@@ -168,7 +168,7 @@ class Block:
         if name.split(".")[0] in {"torch", "transformers", "diffusers", "safetensors", "onnxscript"}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-from meissonic_edge.cli.app import main
+from meissonic_edge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

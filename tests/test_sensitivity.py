@@ -7,18 +7,15 @@ import torch
 
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.model.checkpoint import load_transformer
-from meissonic_edge.quant import sensitivity
+from meissonic_edge.quant import recipe_writer, sensitivity
 from meissonic_edge.quant.quantize import load_recipe_file
+from meissonic_edge.quant.recipe_writer import Sizes, int4_bytes, int8_bytes, write_recipe
 from meissonic_edge.quant.sensitivity import (
     ALL_GROUPS,
     QUANTIZED_LAYERS,
-    Sizes,
     fake_quantize,
-    int4_bytes,
-    int8_bytes,
     layer_groups,
     measure_sensitivity,
-    write_recipe,
 )
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at sunset"]
@@ -169,7 +166,7 @@ def test_recipe_loads_and_respects_the_budget(measured, tmp_path):
     sizes = Sizes.of(singles, 32)
     budget = (sizes.all_int4 + sizes.all_int8) // 2
     out = tmp_path / "mixed.json"
-    recipe = write_recipe(measured, out, budget_mb=budget / sensitivity.MB, measurement={"steps": 3})
+    recipe = write_recipe(measured, out, budget_mb=budget / recipe_writer.MB, measurement={"steps": 3})
 
     loaded = load_recipe_file(out)
     transformer = loaded["transformer"]
@@ -182,7 +179,7 @@ def test_recipe_loads_and_respects_the_budget(measured, tmp_path):
     chosen = [g for g in report["groups"] if g["precision"] == "int8"]
     estimate = sizes.all_int4 + sum(int8_bytes(g["params"], 32) - int4_bytes(g["params"], 32) for g in chosen)
     assert 0 < len(chosen) < len(singles)
-    assert estimate <= budget and report["estimated_mb"] == pytest.approx(estimate / sensitivity.MB)
+    assert estimate <= budget and report["estimated_mb"] == pytest.approx(estimate / recipe_writer.MB)
     assert transformer.int8_layers == tuple(p for g in chosen for p in g["patterns"])
     # the most sensitive group goes first
     top = max(singles, key=lambda r: r.kl)
@@ -196,9 +193,9 @@ def test_recipe_loads_and_respects_the_budget(measured, tmp_path):
         "mixed.sensitivity.md",
     ]
     # the report holds the measurements: another budget needs no new measurement
-    assert sensitivity.read_report(tmp_path / "mixed.sensitivity.json") == measured
+    assert recipe_writer.read_report(tmp_path / "mixed.sensitivity.json") == measured
     with pytest.raises(OptionsError, match="not a sensitivity report"):
-        sensitivity.read_report(out)
+        recipe_writer.read_report(out)
 
 
 def test_budget_for_exactly_the_top_group_takes_it_alone(measured, tmp_path):
@@ -206,12 +203,12 @@ def test_budget_for_exactly_the_top_group_takes_it_alone(measured, tmp_path):
     sizes = Sizes.of(singles, 32)
     top = max(singles, key=lambda r: r.kl)
     budget = sizes.all_int4 + int8_bytes(top.params, 32) - int4_bytes(top.params, 32)
-    recipe = write_recipe(measured, tmp_path / "top.json", budget_mb=(budget + 0.5) / sensitivity.MB)
+    recipe = write_recipe(measured, tmp_path / "top.json", budget_mb=(budget + 0.5) / recipe_writer.MB)
     assert recipe["components"]["transformer"]["int8_layers"] == list(top.patterns)
 
     everything = write_recipe(measured, tmp_path / "all.json", budget_ratio=1.0)
     assert len(everything["components"]["transformer"]["int8_layers"]) == sum(len(r.patterns) for r in singles)
-    just_int4 = write_recipe(measured, tmp_path / "int4.json", budget_mb=(sizes.all_int4 + 1) / sensitivity.MB)
+    just_int4 = write_recipe(measured, tmp_path / "int4.json", budget_mb=(sizes.all_int4 + 1) / recipe_writer.MB)
     assert just_int4["components"]["transformer"]["int8_layers"] == []
     load_recipe_file(tmp_path / "int4.json")
 
@@ -220,13 +217,13 @@ def test_budget_below_all_int4_names_the_minimum(measured, tmp_path, tiny_model_
     sizes = Sizes.of([r for r in measured if r.scope == "group"], 32)
     with pytest.raises(OptionsError, match=r"below this transformer's all-int4 size.*--budget-mb [0-9.]+") as e:
         write_recipe(measured, tmp_path / "r.json", budget_mb=0.001)
-    assert "\n" not in str(e.value) and f"{sizes.all_int4 / sensitivity.MB:.2f}" in str(e.value)
+    assert "\n" not in str(e.value) and f"{sizes.all_int4 / recipe_writer.MB:.2f}" in str(e.value)
     with pytest.raises(OptionsError, match="all-int4"):
         write_recipe(measured, tmp_path / "r.json", budget_ratio=0.01)
     with pytest.raises(OptionsError, match="all-int4"):  # checked from the config alone, before measuring
-        sensitivity.check_budget(tiny_model_dir, budget_ratio=0.01)
-    assert sensitivity.check_budget(tiny_model_dir, budget_ratio=0.3) == int(0.3 * sizes.fp32)
-    assert sensitivity.model_sizes(tiny_model_dir) == sizes
+        recipe_writer.check_budget(tiny_model_dir, budget_ratio=0.01)
+    assert recipe_writer.check_budget(tiny_model_dir, budget_ratio=0.3) == int(0.3 * sizes.fp32)
+    assert recipe_writer.model_sizes(tiny_model_dir) == sizes
     with pytest.raises(OptionsError, match="positive"):
         write_recipe(measured, tmp_path / "r.json", budget_mb=-1)
     with pytest.raises(OptionsError, match=r"\.json"):
@@ -256,13 +253,13 @@ def test_missing_model_dir(tmp_path):
     with pytest.raises(MeissonicError, match="not found"):
         measure_sensitivity(tmp_path / "nowhere", progress=False)
     with pytest.raises(MeissonicError, match="not found"):
-        sensitivity.check_budget(tmp_path / "nowhere")
+        recipe_writer.check_budget(tmp_path / "nowhere")
 
 
 def test_command(tiny_model_dir, tmp_path, capsys):
     import argparse
 
-    from meissonic_edge.cli.app import Parser
+    from meissonic_edge.cli.args import Parser
     from meissonic_edge.cli.sensitivity import add_sensitivity_parser
 
     parser = Parser(prog="meissonic-edge")

@@ -10,6 +10,7 @@ import torch
 
 from meissonic_edge.export import parity
 from meissonic_edge.export import to_onnx as export_onnx
+from meissonic_edge.export.graphs import VQEncoderGraph
 from meissonic_edge.export.tiled import TiledExportError, require_encoder_structure
 from meissonic_edge.model.checkpoint import load_vqvae
 from meissonic_edge.model.reference import vq_tokens
@@ -132,7 +133,7 @@ def test_a_corrupted_layer_graph_fails_the_export(tiny_model_dir, tmp_path, monk
     reference = vq_tokens(load_vqvae(tiny_model_dir), images)
 
     def load():
-        return export_onnx.VQEncoderGraph(load_vqvae(tiny_model_dir))
+        return VQEncoderGraph(load_vqvae(tiny_model_dir))
 
     with pytest.raises(parity.ParityError, match="vq_encoder_tiled does not match the PyTorch reference"):
         export_onnx.export_tiled_encoder(load, {"image": images}, tmp_path, reference)

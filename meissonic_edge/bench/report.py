@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from meissonic_edge.bench.runner import PHASES, REFERENCE_SPEC, TORCH_NAME, write_atomic, write_json
+from meissonic_edge.bench.results import PHASES, REFERENCE_SPEC, TORCH_NAME, write_json
+from meissonic_edge.fileio import write_atomic
 from meissonic_edge.runtime.sampler import GenerationOptions
 
 PHASE_LABELS = {"load": "load", "text_encoding": "text encoding", "sampling": "sampling", "vq_decode": "VQ decode"}

@@ -19,7 +19,9 @@ because it is the yardstick: its transformer logits on fixed inputs, its final t
                                for fp32 also transformer_inputs.npz (the logit comparison's inputs)
       reference/<size>px/      the same for the PyTorch reference (no logits)
 
-Each child is `python -m meissonic_edge.bench.runner --child <work>-job.json`: run one by hand to repeat it.
+This module is the parent: it checks the arguments, exports the bundles, runs the children (`bench.child`),
+compares their outputs (`bench.fidelity`) and assembles the report that `bench.report` renders.
+Each child is `python -m meissonic_edge.bench.child --child <work>-job.json`: run one by hand to repeat it.
 
 What is measured, and how:
 - load: constructing the pipeline (for a bundle: the manifest, the sha256 of every file, the sessions;
@@ -48,31 +50,23 @@ import logging
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
 
 from meissonic_edge import __version__
+from meissonic_edge.bench.fidelity import output_fidelity, summarize_logits
+from meissonic_edge.bench.report import write_report
+from meissonic_edge.bench.results import REFERENCE_SPEC, TORCH_NAME, write_json
 from meissonic_edge.errors import MeissonicError, OptionsError
 from meissonic_edge.runtime.sampler import model_defaults
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_SPEC = "fp32"  # the variant every other one is compared with
-TORCH_NAME = "torch-fp32"  # the PyTorch reference's name in the report
 DEFAULT_PROMPTS = ("a photo of a red fox in the snow",)
-PHASES = ("load", "text_encoding", "sampling", "vq_decode")
-RSS_INTERVAL_S = 0.005
-LOGIT_CHUNK = 256  # positions per float64 softmax chunk: bounds the temporaries to LOGIT_CHUNK x codebook
 MAX_SLUG = 80
 
 
@@ -88,381 +82,6 @@ def variant_slug(spec: str) -> str:
     if not slug:
         raise OptionsError(f"cannot name a variant after {spec!r}: give a precision such as fp16 or a recipe file")
     return slug
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write `path` through a temporary file beside it, renamed into place when `write` succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json(path: Path, data) -> Path:
-    return write_atomic(path, lambda f: f.write((json.dumps(json_safe(data), indent=2) + "\n").encode()))
-
-
-def json_safe(value):
-    """Strict JSON: infinite and NaN floats become the strings "inf", "-inf" and "nan"."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-# ----------------------------------------------------------------------------------------------- memory
-
-
-def proc_status_bytes(field: str) -> int | None:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), or None off Linux."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(field.encode() + b":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def current_rss_bytes() -> int | None:
-    return proc_status_bytes("VmRSS")
-
-
-def ru_maxrss_bytes() -> int:
-    """getrusage's ru_maxrss (KiB on Linux, bytes on macOS). On Linux it survives execve: a child's value
-    starts at its parent's peak, so it is a process's own peak only when the parent was smaller."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def max_rss_bytes() -> int:
-    """This process's own peak resident memory: VmHWM where /proc has it, else ru_maxrss."""
-    return proc_status_bytes("VmHWM") or ru_maxrss_bytes()
-
-
-def mib(n_bytes: float | None) -> float | None:
-    return None if n_bytes is None else round(n_bytes / 2**20, 1)
-
-
-class RssMonitor:
-    """Peak resident memory per phase: a thread samples VmRSS every few ms, and every phase change samples
-    at once, so that a phase shorter than the interval still has a value."""
-
-    def __init__(self, interval_s: float = RSS_INTERVAL_S):
-        self.interval_s = interval_s
-        self.phase: str | None = None
-        self.peaks: dict[str, int] = {}
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def sample(self) -> None:
-        rss = current_rss_bytes()
-        with self.lock:
-            if rss is not None and self.phase is not None:
-                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
-
-    def loop(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            self.sample()
-
-    def enter(self, phase: str | None) -> None:
-        """End the current phase with a sample, and start `phase` (None: between phases) with another."""
-        self.sample()
-        with self.lock:
-            self.phase = phase
-        self.sample()
-
-    def stop(self) -> dict[str, float | None]:
-        self.enter(None)
-        self.stopped.set()
-        self.thread.join()
-        return {phase: mib(self.peaks.get(phase)) for phase in ("import", *PHASES)}
-
-
-# ------------------------------------------------------------------------------------ the child: one generation
-
-
-class PhaseWatch:
-    """Wraps a pipeline's `encode_text` and `decode` to mark the phases of each generation (time and memory)."""
-
-    def __init__(self, pipe, monitor: RssMonitor):
-        self.monitor = monitor
-        self.marks: dict[str, float] = {}
-        encode_text, decode = pipe.encode_text, pipe.decode
-
-        def timed_encode_text(*args, **kwargs):
-            self.mark("text_encoding")
-            out = encode_text(*args, **kwargs)
-            self.mark("sampling")
-            return out
-
-        def timed_decode(*args, **kwargs):
-            self.mark("vq_decode")
-            out = decode(*args, **kwargs)
-            self.mark(None)
-            return out
-
-        pipe.encode_text, pipe.decode = timed_encode_text, timed_decode
-
-    def mark(self, phase: str | None) -> None:
-        self.monitor.enter(phase)
-        self.marks[phase or "done"] = time.perf_counter()
-
-
-class FeedRecorder:
-    """Stands in for an OnnxPipeline's transformer session during one generation: runs it, and keeps the feeds
-    of chosen steps, so that the logit comparison gets exactly what the graph got."""
-
-    def __init__(self, pipe, steps: list[int]):
-        self.pipe = pipe
-        self.steps = set(steps)
-        self.calls = 0
-        self.feeds: dict[int, dict[str, np.ndarray]] = {}
-        self.session = None
-        open_session = pipe.session
-
-        def session(name):
-            if name not in ("transformer", "transformer_guided"):
-                return open_session(name)
-            self.session = open_session(name)
-            return self
-
-        pipe.session = session
-
-    def run(self, output_names, feed):
-        if self.calls in self.steps:
-            # the plain transformer's inputs (the guided graph's, less its scale): fidelity runs the plain graph
-            inputs = {name: value for name, value in feed.items() if name != "guidance_scale"}
-            self.feeds[self.calls] = {name: np.array(value, copy=True) for name, value in inputs.items()}
-        self.calls += 1
-        return self.session.run(output_names, feed)
-
-    def detach(self) -> dict[int, dict[str, np.ndarray]]:
-        del self.pipe.session  # the class's method again
-        return self.feeds
-
-
-def save_transformer_inputs(path: Path, feeds: dict[int, dict[str, np.ndarray]]) -> None:
-    """One .npz: per step `tokens_<step>` and `timestep_<step>`, and the conditioning they share."""
-    first = feeds[min(feeds)]
-    arrays = {name: first[name] for name in ("encoder_hidden_states", "text_embeds", "micro_conds")}
-    for step, feed in feeds.items():
-        arrays[f"tokens_{step}"], arrays[f"timestep_{step}"] = feed["tokens"], feed["timestep"]
-    write_atomic(path, lambda f: np.savez(f, steps=np.array(sorted(feeds)), **arrays))
-
-
-def load_pipeline(job: dict, monitor: RssMonitor) -> tuple[object, float, float]:
-    """Import and construct the job's pipeline; return it with the import and load seconds."""
-    start = time.perf_counter()
-    if job["backend"] == "onnx":
-        from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
-
-        import_s = time.perf_counter() - start
-        monitor.enter("load")
-        start = time.perf_counter()
-        pipe = OnnxPipeline(job["path"], threads=job["threads"], low_memory=job["low_memory"])
-    else:
-        import torch
-
-        from meissonic_edge.model.reference import ReferencePipeline
-
-        if job["threads"]:
-            torch.set_num_threads(job["threads"])
-        import_s = time.perf_counter() - start
-        monitor.enter("load")
-        start = time.perf_counter()
-        pipe = ReferencePipeline.from_model_dir(job["path"])
-    load_s = time.perf_counter() - start
-    monitor.enter(None)
-    return pipe, import_s, load_s
-
-
-def timed_generation(pipe, watch: PhaseWatch, prompt: str, job: dict):
-    """One generation; returns it with its seconds: per step, text encoding, VQ decoding, and in all."""
-    step_ends = []
-    start = time.perf_counter()
-    result = pipe.generate(
-        prompt,
-        steps=job["steps"],
-        seed=job["seed"],
-        height=job["size"],
-        width=job["size"],
-        callback=lambda step, tokens: step_ends.append(time.perf_counter()),
-    )
-    marks = watch.marks
-    seconds = {
-        "steps": [end - begin for begin, end in zip([marks["sampling"], *step_ends[:-1]], step_ends, strict=True)],
-        "text_encoding": marks["sampling"] - marks["text_encoding"],
-        "vq_decode": marks["done"] - marks["vq_decode"],
-        "generation": time.perf_counter() - start,
-    }
-    return result, seconds
-
-
-def measure_generation(job: dict) -> dict:
-    """The child's work: load, then `repeats` generations of every prompt; save tokens and images of the first."""
-    from meissonic_edge.runtime.imaging import save_image
-
-    monitor = RssMonitor()
-    monitor.enter("import")
-    pipe, import_s, load_s = load_pipeline(job, monitor)
-    watch = PhaseWatch(pipe, monitor)
-    folder = Path(job["folder"])
-    seconds = []
-    for repeat in range(job["repeats"]):
-        for index, prompt in enumerate(job["prompts"]):
-            recorder = FeedRecorder(pipe, job["record_steps"]) if job["record_steps"] and not seconds else None
-            result, timings = timed_generation(pipe, watch, prompt, job)
-            seconds.append(timings)
-            if recorder is not None:
-                save_transformer_inputs(folder / "transformer_inputs.npz", recorder.detach())
-            if repeat == 0:
-                write_atomic(folder / f"tokens-{index}.npy", lambda f, t=result.tokens: np.save(f, t))
-                save_image(result.images[0], folder / f"image-{index}.png")
-    peaks = monitor.stop()
-    step_s = [step for timings in seconds for step in timings["steps"]]
-    return {
-        "import_s": import_s,
-        "load_s": load_s,
-        **{f"{key}_s": statistics.median(t[key] for t in seconds) for key in ("text_encoding", "vq_decode")},
-        "generation_s": statistics.median(t["generation"] for t in seconds),
-        "step_s": {"median": statistics.median(step_s), "min": min(step_s), "max": max(step_s), "all": step_s},
-        "peak_rss_mib": {phase: peaks[phase] for phase in PHASES},
-        "import_rss_mib": peaks["import"],
-        "max_rss_mib": mib(max_rss_bytes()),
-        "ru_maxrss_mib": mib(ru_maxrss_bytes()),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- the child: logits
-
-
-def logit_agreement(reference: np.ndarray, got: np.ndarray) -> dict:
-    """Cosine of two logit tensors (..., K), mean KL(softmax(reference) || softmax(got)) per position, and the
-    share of positions with the same top entry; in float64, LOGIT_CHUNK positions at a time."""
-    codebook = reference.shape[-1]
-    reference, got = reference.reshape(-1, codebook), got.reshape(-1, codebook)
-    dot = norm_ref = norm_got = kl = 0.0
-    same_top = 0
-    for start in range(0, len(reference), LOGIT_CHUNK):
-        p = reference[start : start + LOGIT_CHUNK].astype(np.float64)  # (n, K)
-        q = got[start : start + LOGIT_CHUNK].astype(np.float64)
-        dot += float((p * q).sum())
-        norm_ref += float((p * p).sum())
-        norm_got += float((q * q).sum())
-        same_top += int((p.argmax(-1) == q.argmax(-1)).sum())
-        log_p = p - p.max(-1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-        log_q = q - q.max(-1, keepdims=True)
-        log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
-        kl += float((np.exp(log_p) * (log_p - log_q)).sum())
-    positions = len(reference)
-    return {
-        "cosine": dot / max(np.sqrt(norm_ref * norm_got), 1e-300),
-        "kl_mean": kl / positions,
-        "top1_agreement": same_top / positions,
-    }
-
-
-def measure_logits(job: dict) -> dict:
-    """The child's work: both transformer graphs on the fp32 run's recorded inputs, compared step by step."""
-    from meissonic_edge.runtime.onnx_pipeline import OnnxPipeline
-
-    def transformer(bundle):  # checksums were verified when the bundle's generation was measured
-        return OnnxPipeline(bundle, threads=job["threads"], low_memory=True, verify_checksums=False).session(
-            "transformer"
-        )
-
-    reference = transformer(job["reference_bundle"])
-    variant = reference if job["bundle"] == job["reference_bundle"] else transformer(job["bundle"])
-    inputs = np.load(job["inputs"])
-    shared = {name: inputs[name] for name in ("encoder_hidden_states", "text_embeds", "micro_conds")}
-    steps = []
-    for step in inputs["steps"].tolist():
-        feed = {**shared, "tokens": inputs[f"tokens_{step}"], "timestep": inputs[f"timestep_{step}"]}
-        expected = reference.run(["logits"], feed)[0]
-        got = variant.run(["logits"], feed)[0]
-        steps.append({"step": step, "timestep": float(feed["timestep"][0]), **logit_agreement(expected, got)})
-    return {"steps": steps}
-
-
-CHILD_WORK = {"generation": measure_generation, "logits": measure_logits}
-
-
-def child_main(job_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
-    write_json(Path(job["result"]), CHILD_WORK[job["work"]](job))
-
-
-# ----------------------------------------------------------------------------------------------- image fidelity
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    x = np.arange(size) - (size - 1) / 2
-    window = np.exp(-(x**2) / (2 * sigma**2))
-    return window / window.sum()
-
-
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Mean structural similarity (Wang et al. 2004) of two (H, W, C) images: 11x11 Gaussian window (sigma 1.5),
-    K1 = 0.01, K2 = 0.03, over the positions where the window fits, per channel, averaged."""
-    window = gaussian_window()
-    if min(a.shape[:2]) < len(window):
-        raise OptionsError(f"SSIM needs images of at least {len(window)} pixels a side, got {a.shape[:2]}")
-
-    def blur(x):  # separable 'valid' filtering: (H, W, C) -> (H-10, W-10, C)
-        rows = np.lib.stride_tricks.sliding_window_view(x, len(window), axis=0) @ window
-        return np.lib.stride_tricks.sliding_window_view(rows, len(window), axis=1) @ window
-
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    covariance = blur(a * b) - mu_a * mu_b
-    numerator = (2 * mu_a * mu_b + c1) * (2 * covariance + c2)
-    denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return float((numerator / denominator).mean())
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A saved PNG as (H, W, 3) float64 in [0, 1]."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-
-
-def output_fidelity(folder: Path, reference_folder: Path, prompts: list[str]) -> dict:
-    """Final tokens and images of one run against the fp32 variant's, prompt by prompt; the worst prompt overall."""
-    from meissonic_edge.export.parity import psnr
-
-    per_prompt = []
-    for index, prompt in enumerate(prompts):
-        tokens = np.load(folder / f"tokens-{index}.npy")
-        expected_tokens = np.load(reference_folder / f"tokens-{index}.npy")
-        image = read_image(folder / f"image-{index}.png")
-        expected_image = read_image(reference_folder / f"image-{index}.png")
-        per_prompt.append(
-            {
-                "prompt": prompt,
-                "token_agreement": float((tokens == expected_tokens).mean()),
-                "psnr_db": psnr(image, expected_image),
-                "ssim": ssim(image, expected_image),
-            }
-        )
-    worst = {key: min(p[key] for p in per_prompt) for key in ("token_agreement", "psnr_db", "ssim")}
-    return {**worst, "per_prompt": per_prompt}
 
 
 # ----------------------------------------------------------------------------------------------- the parent
@@ -492,8 +111,8 @@ class Run:
 
 def check_arguments(model_dir, variants, sizes, steps, repeats, prompts, seed, threads, adherence_fn) -> list[str]:
     """Every problem with the arguments, raised before any work; returns the prompts."""
-    from meissonic_edge.model.checkpoint import transformer_folder
     from meissonic_edge.model.consistency import check_model_dir
+    from meissonic_edge.model.layout import transformer_folder
     from meissonic_edge.quant.quantize import parse_recipe
     from meissonic_edge.runtime.config import TransformerConfig
 
@@ -557,7 +176,7 @@ def run_child(job: dict, folder: Path, what: str) -> dict:
     result = folder / f"{job['work']}.json"
     result.unlink(missing_ok=True)
     job_path = write_json(folder / f"{job['work']}-job.json", {**job, "result": str(result)})
-    command = [sys.executable, "-m", "meissonic_edge.bench.runner", "--child", str(job_path)]
+    command = [sys.executable, "-m", "meissonic_edge.bench.child", "--child", str(job_path)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         log = folder / f"{job['work']}.log"
@@ -677,20 +296,8 @@ def bench(
     bar.close()
 
     report = build_report(arguments, model_dir, out_dir, all_variants, runs, prompts, include_reference, adherence_fn)
-    from meissonic_edge.bench.report import write_report
-
     write_report(report, out_dir)
     return report
-
-
-def summarize_logits(logits: dict) -> dict:
-    steps = logits["steps"]
-    return {
-        "steps": steps,
-        "cosine_min": min(s["cosine"] for s in steps),
-        "kl_mean_max": max(s["kl_mean"] for s in steps),
-        "top1_agreement_min": min(s["top1_agreement"] for s in steps),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -834,9 +441,3 @@ def build_report(arguments, model_dir, out_dir, variants, runs, prompts, include
             "plots": {"step_time": "step_time.png", "peak_rss": "peak_rss.png", "size_on_disk": "size_on_disk.png"},
         },
     }
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "--child":
-        sys.exit("usage: python -m meissonic_edge.bench.runner --child JOB.json (the jobs that bench() writes)")
-    child_main(sys.argv[2])

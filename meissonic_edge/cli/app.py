@@ -10,33 +10,16 @@ import logging
 import sys
 from pathlib import Path
 
+from meissonic_edge.cli.args import Parser, integer, number
+from meissonic_edge.cli.bench import add_bench_parser
+from meissonic_edge.cli.demo import add_demo_parsers
+from meissonic_edge.cli.sensitivity import add_sensitivity_parser
 from meissonic_edge.errors import MeissonicError, OptionsError
 
 logger = logging.getLogger("meissonic_edge")
 
 EXPORT_EXTRA_HINT = "install the export extra: pip install torch==2.13.0 'meissonic-edge[export]'"
 HEAVY_MODULES = {"torch", "transformers", "diffusers", "safetensors", "onnx", "onnxscript", "coremltools"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (`error: ...`) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def torch_dtype(name: str):
@@ -63,7 +46,7 @@ def cmd_make_random(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from meissonic_edge.export.to_onnx import parse_size
+    from meissonic_edge.export.cases import parse_size
 
     coreml_only = {
         "--minimum-target": args.minimum_target,
@@ -198,7 +181,7 @@ def cmd_generate(args) -> None:
         providers = args.provider.split(",") if args.provider else None
         pipeline = OnnxPipeline(path, providers=providers, threads=args.threads, low_memory=args.low_memory)
     else:  # the PyTorch reference
-        from meissonic_edge.model.checkpoint import transformer_folder
+        from meissonic_edge.model.layout import transformer_folder
         from meissonic_edge.runtime.config import TransformerConfig
 
         config = TransformerConfig.from_json_file(transformer_folder(path) / "config.json")
@@ -330,10 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="the text encoder directory used at export, if any")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
-
-    from meissonic_edge.cli.bench import add_bench_parser
-    from meissonic_edge.cli.demo import add_demo_parsers
-    from meissonic_edge.cli.sensitivity import add_sensitivity_parser
 
     add_demo_parsers(commands)
     add_bench_parser(commands)

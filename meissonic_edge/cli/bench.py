@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from meissonic_edge.cli.args import integer
+
 
 def shapes_adherence(image, prompt: str):
     """The demo model's evaluator: does the image show the prompt's shape, colour and position (`satisfied`),
@@ -55,8 +57,6 @@ def cmd_bench(args) -> None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` on the CLI's subparsers (built with `parser_class=Parser`)."""
-    from meissonic_edge.cli.app import integer  # here, not at the top: cli.py imports this module
-
     p = subparsers.add_parser(
         "bench", help="size, speed, memory and fidelity of exported variants against fp32 and PyTorch"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meissonic_edge.cli.args import integer
 from meissonic_edge.errors import OptionsError
 
 
@@ -45,8 +46,6 @@ def cmd_train_demo(args) -> None:
 
 
 def add_demo_parsers(commands) -> None:
-    from meissonic_edge.cli.app import integer
-
     p = commands.add_parser("demo", help="export the shipped shapes model, generate a few images and a contact sheet")
     p.add_argument("--output", default="demo-output", help="folder for the bundle and images (default: demo-output)")
     p.add_argument("--precision", default="int8", help="bundle precision: fp32, fp16, int8 (default), int4, ...")

@@ -1,4 +1,5 @@
-"""`meissonic-edge quant-sensitivity MODEL_DIR --out RECIPE.json`: the command over `sensitivity.py`."""
+"""`meissonic-edge quant-sensitivity MODEL_DIR --out RECIPE.json`: the command over `quant/sensitivity.py`
+and `quant/recipe_writer.py`."""
 
 from __future__ import annotations
 
@@ -6,14 +7,8 @@ import argparse
 
 
 def cmd_quant_sensitivity(args) -> None:
-    from meissonic_edge.quant.sensitivity import (
-        DEFAULT_PROMPTS,
-        check_budget,
-        check_recipe_path,
-        measure_sensitivity,
-        report_paths,
-        write_recipe,
-    )
+    from meissonic_edge.quant.recipe_writer import check_budget, check_recipe_path, report_paths, write_recipe
+    from meissonic_edge.quant.sensitivity import DEFAULT_PROMPTS, measure_sensitivity
 
     out = check_recipe_path(args.out)  # before minutes of measuring: the path, then the budget
     check_budget(args.model_dir, args.budget_mb, args.budget_ratio, args.block_size)

@@ -3,7 +3,7 @@ for the part that runs whole at token resolution, and one small graph per full-r
 
 The decoder's stem (codebook lookup, post-quant conv, conv_in, mid block) and the encoder's tail (last down
 block, mid block, conv_norm_out, SiLU, conv_out, quant_conv, nearest codebook entry) are exported from
-PyTorch like every other graph (`export_onnx.export_graph`). The other layers become one ONNX graph per
+PyTorch like every other graph (`graphs.export_graph`). The other layers become one ONNX graph per
 convolution, written here from the module's weights with `onnx.helper`: each graph is the GroupNorm (with
 the statistics as inputs), SiLU and 3x3 convolution of one ResNet half, plus the residual for the second
 half, and the 1x1 shortcut where channels change; the decoder's upsamplers are nearest 2x + 3x3

@@ -1,8 +1,8 @@
 """CoreML export of a model directory into a bundle: one `.mlpackage` per graph and image size.
 
 Every `convert_<component>()` follows the same recipe (`convert_component`):
-  1. load the fp32 module and compute the PyTorch reference on the real check inputs (`export_onnx.check_cases`);
-  2. for each package shape: capture the graph contract (`export_onnx`'s wrappers, our transformer) with
+  1. load the fp32 module and compute the PyTorch reference on the real check inputs (`cases.check_cases`);
+  2. for each package shape: capture the graph contract (`graphs`' wrappers, our transformer) with
      `torch.export` at that fixed shape, convert it with coremltools to an fp16 ML program, compress its
      weights with `coremltools.optimize.coreml`, attach descriptions and metadata, save it, and check the
      saved package's inputs and outputs against the contract;
@@ -23,9 +23,9 @@ Decisions (runtimes/swift/README.md says what an app sees):
   micro-conditions, whose angles reach 63,000 rad where fp16's spacing is 32) stay float32. coremltools
   cannot convert CLIP's LayerNorm or diffusers' GroupNorm from an fp16 graph, so the text encoder and the
   VQ graphs are captured in fp32 and coremltools' fp16 pass makes every op fp16.
-- Compression (`compress`): the weights of every `linear`, `matmul`, `conv` and `gather` op — the output
-  head, every linear layer, and the embedding tables — and nothing else (not the rotary table, biases
-  or norms). Embedding tables are compressed along their rows, as ONNX's int8 rows and
+- Compression (`coreml_compress.compress`): the weights of every `linear`, `matmul`, `conv` and `gather`
+  op — the output head, every linear layer, and the embedding tables — and nothing else (not the rotary
+  table, biases or norms). Embedding tables are compressed along their rows, as ONNX's int8 rows and
   `GatherBlockQuantized`: int8 one scale per row, int4 one scale per 32 values of a row, palettes per 16
   rows. A weight the main scheme cannot take (a dimension not divisible by its block or group) gets the
   fallback (int8 per channel for int4, a per-tensor palette for palettes); what stays fp16 is listed.
@@ -35,15 +35,9 @@ Decisions (runtimes/swift/README.md says what an app sees):
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
-import itertools
 import json
 import logging
-import os
-import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,57 +47,41 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meissonic_edge import __version__
-from meissonic_edge.errors import MeissonicError, OptionsError
-from meissonic_edge.export.parity import (
-    MIN_PSNR_DB,
-    MIN_TOKEN_AGREEMENT,
-    Check,
-    ParityError,
-    cosine_check,
-    max_abs_check,
-    psnr,
-    require,
+from meissonic_edge.errors import OptionsError
+from meissonic_edge.export.cases import check_cases, parse_size
+from meissonic_edge.export.coreml_compress import BLOCKWISE_TARGETS, PRECISIONS, compress, compression_settings
+from meissonic_edge.export.coreml_package import (
+    check_contract,
+    constexpr_counts,
+    contract,
+    measure_fidelity,
+    ordinary_permissions,
+    package_bytes,
+    weight_sources,
 )
-from meissonic_edge.export.to_onnx import (
-    Float16Graph,
-    check_cases,
+from meissonic_edge.export.coreml_tools import import_coremltools, quiet_coremltools
+from meissonic_edge.export.graphs import Float16Graph, quiet_exporter, reference_outputs
+from meissonic_edge.export.manifest import (
     check_tokenizer,
     copy_tokenizer,
     defaults_section,
     model_section,
-    parse_size,
-    quiet_exporter,
-    reference_outputs,
     source_section,
 )
 from meissonic_edge.fileio import atomic_directory
-from meissonic_edge.model.checkpoint import load_clip_tokenizer, load_scheduler_config, transformer_folder
+from meissonic_edge.model.checkpoint import load_clip_tokenizer, load_scheduler_config
 from meissonic_edge.model.consistency import check_model_dir
+from meissonic_edge.model.layout import transformer_folder
 from meissonic_edge.runtime.bundle import write_manifest
 from meissonic_edge.runtime.config import VQ_STRIDE, TransformerConfig
 from meissonic_edge.runtime.sampler import GenerationOptions
-from meissonic_edge.runtime.tokenizer import MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "transformer", "vq_decoder", "vq_encoder")
 CONVOLUTIONAL = ("vq_decoder", "vq_encoder")  # a plain precision leaves them fp16
 TORCH_FP16 = ("transformer",)  # captured in fp16 from PyTorch: its float32 islands stay float32
-PRECISIONS = ("fp16", "int8", "int4", "palettize4", "palettize6")
 TARGETS = ("iOS17", "iOS18", "macOS14", "macOS15")
-BLOCKWISE_TARGETS = ("iOS18", "macOS15")  # constexpr_blockwise_shift_scale, grouped-channel palettes
-WEIGHT_OPS = ("linear", "matmul", "conv", "conv_transpose", "gather")  # their constant weights are compressed
-INT4_BLOCK_SIZE = 32  # int4: weights per scale, along the input dimension (a row of an embedding table)
-PALETTE_GROUP_SIZE = 16  # palettes: output channels (embedding rows) sharing one look-up table
-KMEANS_ITERATIONS = 30
-COMPRESSED_SUFFIXES = ("_quantized", "_palettized")  # what coremltools appends to a compressed constant's name
-MANIFEST_DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "INT32": "int32"}
-
-# Fidelity thresholds: the fp32 PyTorch module holding the package's decompressed weights, against the
-# fp32 reference on the same inputs. The ONNX export's thresholds for the same number of bits.
-THRESHOLD_KEY = {"fp16": "fp16", "int8": "int8", "int4": "int4", "palettize6": "int8", "palettize4": "int4"}
-MIN_PSNR_DB_4BIT = 20.0  # decoded images, VQ decoder compressed to 4 bits (only when asked)
-MIN_TOKEN_AGREEMENT_4BIT = 0.7  # VQ encoder compressed to 4 bits (only when asked)
 
 DESCRIPTIONS = {
     "input_ids": "CLIP BPE token ids: start token, prompt, end token, then the pad token up to 77",
@@ -126,10 +104,6 @@ SUMMARIES = {
     "vq_decoder": "Meissonic VQ decoder: token grid -> image",
     "vq_encoder": "Meissonic VQ encoder: image -> token grid",
 }
-
-
-class ContractError(MeissonicError):
-    """A converted package's inputs or outputs are not the graph contract's."""
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -221,283 +195,6 @@ def make_plan(precision: str, minimum_target: str, sizes, transformer_batch: int
     return Plan(precisions, target, parsed, transformer_batch)
 
 
-# ----------------------------------------------------------------------------------------------- coremltools
-
-
-@contextlib.contextmanager
-def quiet_coremltools():
-    """coremltools reports on itself (untested torch version, no Linux runtime, its progress bars): not ours."""
-    names = ["coremltools"]
-    levels = {name: logging.getLogger(name).level for name in names}
-    for name in names:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def import_coremltools():
-    with quiet_coremltools():
-        import coremltools
-        import coremltools.optimize.coreml  # noqa: F401
-
-    return coremltools
-
-
-def kmeans_palette(nbits: int):
-    """A look-up-table function for coremltools' "custom" palettizer: 1-D k-means over the weights.
-
-    Weighted Lloyd iterations over the distinct fp16 values, started at their quantiles: deterministic, and
-    no scikit-learn (which coremltools' own "kmeans" mode needs).
-    """
-    size = 1 << nbits
-
-    def lut_function(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        values, inverse, counts = np.unique(weights.ravel(), return_inverse=True, return_counts=True)
-        if len(values) <= size:
-            lut = np.zeros(size, dtype=weights.dtype)
-            lut[: len(values)] = values
-            return lut, inverse.ravel().astype(np.uint8)
-        x, w = values.astype(np.float64), counts.astype(np.float64)
-        quantiles = (np.cumsum(w) - w / 2) / w.sum()
-        centroids = np.interp((np.arange(size) + 0.5) / size, quantiles, x)
-        for _ in range(KMEANS_ITERATIONS):
-            cluster = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, x)
-            total, count = np.bincount(cluster, w * x, size), np.bincount(cluster, w, size)
-            updated = np.sort(np.where(count > 0, total / np.maximum(count, 1e-30), centroids))
-            if np.allclose(updated, centroids, rtol=0, atol=1e-7):
-                break
-            centroids = updated
-        centroids = centroids.astype(weights.dtype).astype(np.float64)  # assign to what the package stores
-        cluster = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, x)
-        return centroids.astype(weights.dtype), cluster[inverse.ravel()].astype(np.uint8)
-
-    return lut_function
-
-
-def compression_configs(precision: str, target: str):
-    """(compress function, main config, fallback function, fallback config) for a precision; None for fp16."""
-    ct = import_coremltools()
-    cto = ct.optimize.coreml
-    if precision == "fp16":
-        return None
-    if precision == "int8":
-        config = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
-        )
-        return cto.linear_quantize_weights, config, None, None
-    if precision == "int4":
-        config = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric",
-            dtype="int4",
-            granularity="per_block",
-            block_size=INT4_BLOCK_SIZE,
-            weight_threshold=0,
-        )
-        fallback = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
-        )
-        return cto.linear_quantize_weights, config, cto.linear_quantize_weights, fallback
-    nbits = int(precision.removeprefix("palettize"))
-    per_tensor = cto.OpPalettizerConfig(
-        mode="custom", lut_function=kmeans_palette(nbits), granularity="per_tensor", weight_threshold=0
-    )
-    if target not in BLOCKWISE_TARGETS:  # iOS17 / macOS14 palettes are per tensor
-        return cto.palettize_weights, per_tensor, None, None
-    grouped = cto.OpPalettizerConfig(
-        mode="custom",
-        lut_function=kmeans_palette(nbits),
-        granularity="per_grouped_channel",
-        group_size=PALETTE_GROUP_SIZE,
-        weight_threshold=0,
-    )
-    return cto.palettize_weights, grouped, cto.palettize_weights, per_tensor
-
-
-def compression_settings(precision: str, target: str) -> dict:
-    """What the manifest and the package metadata record about a precision."""
-    weights = {"ops": list(WEIGHT_OPS), "embedding_tables": "compressed along their rows"}
-    if precision == "fp16":
-        return {"weights": "float16", "compute": "float16"}
-    if precision == "int8":
-        return {**weights, "dtype": "int8", "mode": "linear_symmetric", "granularity": "per_channel"}
-    if precision == "int4":
-        return {
-            **weights,
-            "dtype": "int4",
-            "mode": "linear_symmetric",
-            "granularity": "per_block",
-            "block_size": INT4_BLOCK_SIZE,
-            "fallback": "int8 per_channel",
-        }
-    grouped = target in BLOCKWISE_TARGETS
-    return {
-        **weights,
-        "nbits": int(precision.removeprefix("palettize")),
-        "algorithm": "k-means (1-D, weighted Lloyd)",
-        "granularity": "per_grouped_channel" if grouped else "per_tensor",
-        **({"group_size": PALETTE_GROUP_SIZE, "fallback": "per_tensor"} if grouped else {}),
-    }
-
-
-def weight_constants(program) -> list:
-    """The constant weights (rank >= 2) of the ops whose weights compression applies to."""
-    found = {}
-    for op in program.functions["main"].operations:
-        if op.op_type not in WEIGHT_OPS:
-            continue
-        for var in op.inputs.values():
-            producer = getattr(var, "op", None)
-            if producer is not None and producer.op_type == "const" and var.rank >= 2:
-                found[producer.name] = producer
-    return list(found.values())
-
-
-def compression_report(program) -> dict:
-    """Which weights of `WEIGHT_OPS` are compressed (constexpr ops) and which stayed fp16."""
-    ops = Counter()
-    compressed, left = 0, []
-    for op in program.functions["main"].operations:
-        if op.op_type.startswith("constexpr_"):
-            ops[op.op_type] += 1
-        if op.op_type not in WEIGHT_OPS:
-            continue
-        for var in op.inputs.values():
-            producer = getattr(var, "op", None)
-            if producer is None or var.rank is None or var.rank < 2:
-                continue
-            if producer.op_type.startswith("constexpr_"):
-                compressed += 1
-            elif producer.op_type == "const":
-                left.append({"name": producer.name, "shape": list(var.shape), "op": op.op_type})
-    return {"constexpr_ops": dict(sorted(ops.items())), "compressed_weights": compressed, "float16_weights": left}
-
-
-def compress(mlmodel, precision: str, target: str):
-    """Compress the weights of `WEIGHT_OPS`; return the compressed model and its compression report."""
-    ct = import_coremltools()
-    configs = compression_configs(precision, target)
-    if configs is None:  # fp16: every weight is float16 by choice; count them rather than list them
-        report = compression_report(mlmodel._mil_program)
-        return mlmodel, {**report, "float16_weights": len(report["float16_weights"]), "fallbacks": []}
-    compressor, config, fallback_compressor, fallback = configs
-    names = [op.name for op in weight_constants(mlmodel._mil_program)]
-    with quiet_coremltools():
-        model = compressor(mlmodel, ct.optimize.coreml.OptimizationConfig(op_name_configs=dict.fromkeys(names, config)))
-    skipped = [op.name for op in weight_constants(model._mil_program)]
-    if skipped and fallback is not None:
-        logger.info("fallback compression for %d weight(s): %s", len(skipped), ", ".join(skipped))
-        with quiet_coremltools():
-            options = ct.optimize.coreml.OptimizationConfig(op_name_configs=dict.fromkeys(skipped, fallback))
-            model = fallback_compressor(model, options)
-    left = {op.name for op in weight_constants(model._mil_program)}
-    return model, {**compression_report(model._mil_program), "fallbacks": [n for n in skipped if n not in left]}
-
-
-# ----------------------------------------------------------------------------------------------- the contract
-
-
-def contract(component: str, batch: int, size: tuple[int, int] | None, config: TransformerConfig) -> dict:
-    """The inputs and outputs a package must have: (name, dtype, shape), the ONNX contract at a fixed shape."""
-    dt, dp, k = config.joint_attention_dim, config.pooled_projection_dim, config.codebook_size
-    if component == "text_encoder":
-        return {
-            "inputs": [("input_ids", "int32", [batch, MAX_LENGTH])],
-            "outputs": [("text_embeds", "float32", [batch, dp]), ("hidden_states", "float32", [batch, MAX_LENGTH, dt])],
-        }
-    height, width = size
-    h, w = height // VQ_STRIDE, width // VQ_STRIDE
-    if component == "transformer":
-        return {
-            "inputs": [
-                ("tokens", "int32", [batch, h, w]),
-                ("encoder_hidden_states", "float32", [batch, MAX_LENGTH, dt]),
-                ("text_embeds", "float32", [batch, dp]),
-                ("micro_conds", "float32", [batch, 5]),
-                ("timestep", "float32", [batch]),
-            ],
-            "outputs": [("logits", "float32", [batch, h * w, k])],
-        }
-    if component == "vq_decoder":
-        return {"inputs": [("tokens", "int32", [1, h, w])], "outputs": [("image", "float32", [1, 3, height, width])]}
-    return {"inputs": [("image", "float32", [1, 3, height, width])], "outputs": [("tokens", "int32", [1, h, w])]}
-
-
-def package_io(path: Path) -> dict:
-    """The inputs and outputs a saved package declares, read from its spec."""
-    ct = import_coremltools()
-    from coremltools.proto import FeatureTypes_pb2
-
-    spec = ct.utils.load_spec(str(path))
-    names = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
-
-    def describe(features):
-        return [
-            {
-                "name": f.name,
-                "dtype": MANIFEST_DTYPES.get(names.Name(f.type.multiArrayType.dataType), "?"),
-                "shape": [int(d) for d in f.type.multiArrayType.shape],
-            }
-            for f in features
-        ]
-
-    return {"inputs": describe(spec.description.input), "outputs": describe(spec.description.output)}
-
-
-def package_ops(path: Path) -> Counter:
-    """Op types of a saved package's main function, counted from its spec (compressed weights are constexpr_*)."""
-    ct = import_coremltools()
-    spec = ct.utils.load_spec(str(path))
-    function = spec.mlProgram.functions["main"]
-    return Counter(op.type for op in function.block_specializations[function.opset].operations)
-
-
-def constexpr_counts(path: Path) -> dict:
-    return {op: n for op, n in sorted(package_ops(path).items()) if op.startswith("constexpr_")}
-
-
-def package_weight_dtypes(path: Path) -> Counter:
-    """Data types of the values the constexpr ops of a saved package decompress (INT8, INT4, UINT4, ...)."""
-    ct = import_coremltools()
-    from coremltools.proto import MIL_pb2
-
-    spec = ct.utils.load_spec(str(path))
-    function = spec.mlProgram.functions["main"]
-    found = Counter()
-    for op in function.block_specializations[function.opset].operations:
-        if op.type.startswith("constexpr_"):
-            for name in ("data", "indices"):
-                if name in op.inputs:
-                    value = op.inputs[name].arguments[0].value
-                    found[f"{op.type}:{name}:{MIL_pb2.DataType.Name(value.type.tensorType.dataType)}"] += 1
-    return found
-
-
-def check_contract(component: str, path: Path, expected: dict) -> dict:
-    found = package_io(path)
-    for kind in ("inputs", "outputs"):
-        got = [(f["name"], f["dtype"], f["shape"]) for f in found[kind]]
-        if got != [tuple(e) for e in expected[kind]]:
-            raise ContractError(f"{path.name}: {kind} {got} are not the {component} contract's {expected[kind]}")
-    return found
-
-
-def package_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def ordinary_permissions(path: Path) -> None:
-    """coremltools writes packages private (0600/0700); give them the permissions of any file we write."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *Path(path).rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 # ----------------------------------------------------------------------------------------------- conversion
 
 
@@ -563,147 +260,6 @@ def example_inputs(component: str, inputs: dict, batch: int, size, config: Trans
     if component == "vq_decoder":
         return (torch.randint(0, config.codebook_size, (1, *grid), generator=generator),)
     return (torch.rand((1, 3, *size), generator=generator),)
-
-
-# ----------------------------------------------------------------------------------------------- fidelity
-
-
-def mangle(name: str) -> str:
-    """How torch.export names a parameter's placeholder, and coremltools the constant it becomes."""
-    return "p_" + name.replace(".", "_")
-
-
-def strip_suffixes(name: str) -> str:
-    for suffix in (*COMPRESSED_SUFFIXES, "_to_fp16"):
-        name = name.removesuffix(suffix)
-    return name
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a package weight comes from: constant = scale * parameter.permute(axes).reshape(constant shape)."""
-
-    param: str
-    axes: tuple[int, ...] | None = None  # None: a plain reshape
-    scale: float = 1.0
-
-
-def weight_sources(program, module: nn.Module, prefix: str) -> dict[str, Source]:
-    """Map each weight constant of the fp16 program (before compression) to the PyTorch parameter it holds.
-
-    Most constants keep their parameter's name. The converter folds a few into new constants: the reshapes
-    and permutations of the 1x1 and 2x2 convolutions our transformer computes as matrix products, and
-    constant factors (the VQ encoder's `2 *` moves into its `quant_conv`). Those are found by value.
-    """
-    params = dict(module.named_parameters())
-    by_name = {mangle(prefix + name): name for name in params}
-    sources, unmatched = {}, []
-    for op in weight_constants(program):
-        name = by_name.get(strip_suffixes(op.name))
-        if name is not None and params[name].numel() == op.outputs[0].val.size:
-            sources[op.name] = Source(name)
-        else:
-            unmatched.append(op)
-    used = {source.param for source in sources.values()}
-    for op in unmatched:
-        source = trace_constant(op.outputs[0].val, {k: v for k, v in params.items() if k not in used})
-        if source is None:
-            raise ParityError(f"cannot trace the package weight {op.name} back to a PyTorch parameter")
-        sources[op.name] = source
-        used.add(source.param)
-    return sources
-
-
-def trace_constant(value: np.ndarray, params: dict) -> Source | None:
-    """The parameter, axis permutation and factor whose product is `value` (up to fp16 rounding), if any."""
-    value = value.astype(np.float32)
-    peak = float(np.abs(value).max())
-    for name, param in params.items():
-        if param.numel() != value.size:
-            continue
-        candidate = param.detach().float().numpy()
-        candidate_peak = float(np.abs(candidate).max())
-        if peak == 0 or candidate_peak == 0:
-            continue
-        for sign in (1.0, -1.0):
-            scale = sign * peak / candidate_peak
-            close = dict(rtol=2e-3, atol=2e-3 * peak)
-            if not np.allclose(np.sort(value.ravel()), np.sort(scale * candidate.ravel()), **close):
-                continue
-            for axes in itertools.permutations(range(candidate.ndim)):
-                if np.allclose(value, scale * candidate.transpose(axes).reshape(value.shape), **close):
-                    return Source(name, None if axes == tuple(range(candidate.ndim)) else axes, scale)
-    return None
-
-
-def decompressed_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every constant of a saved package, read from disk, compressed ones decompressed by coremltools.
-
-    The package's ML program is loaded the way `coremltools.optimize.coreml.decompress_weights` loads it
-    (its MIL loader), and each constexpr op is materialised by coremltools' own reference implementation
-    of it; `decompress_weights` itself also re-serialises the model, which is ten times slower.
-    """
-    ct = import_coremltools()
-    from coremltools.converters.mil.frontend.milproto.load import load as load_program
-
-    model = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = model.get_spec()
-    with quiet_coremltools():
-        program = load_program(
-            spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir
-        )
-    values = {}
-    for op in program.functions["main"].operations:
-        if op.op_type == "const" and op.outputs[0].val is not None:
-            values[strip_suffixes(op.name)] = op.outputs[0].val
-        elif op.op_type.startswith("constexpr_"):
-            values[strip_suffixes(op.name)] = op.materialized_val_inference()
-    return values
-
-
-def load_package_weights(module: nn.Module, path: Path, sources: dict) -> None:
-    """Put the package's (decompressed) weights into `module`'s parameters, undoing the converter's layouts."""
-    values = decompressed_weights(path)
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for constant, source in sources.items():
-            key = strip_suffixes(constant)
-            if key not in values:
-                raise ParityError(f"{path.name} has no weight {key} (expected for {source.param})")
-            param = params[source.param]
-            value = torch.from_numpy(np.asarray(values[key], dtype=np.float32)) / source.scale
-            if source.axes is None:
-                param.copy_(value.reshape(param.shape))
-            else:
-                permuted = [param.shape[a] for a in source.axes]
-                param.copy_(value.reshape(permuted).permute(*np.argsort(source.axes).tolist()))
-
-
-def fidelity_checks(component: str, got: list[np.ndarray], refs: list[np.ndarray], precision: str) -> list[Check]:
-    key = THRESHOLD_KEY[precision]
-    if component == "text_encoder":
-        checks = []
-        for name, g, r in zip(["text_embeds", "hidden_states"], got, refs, strict=True):
-            checks += [max_abs_check(name, g, r, key), cosine_check(name, g, r, key)]
-        return checks
-    if component == "transformer":
-        return [max_abs_check("logits", got[0], refs[0], key), cosine_check("logits", got[0], refs[0], key)]
-    if component == "vq_decoder":
-        return [Check("image_psnr_db", psnr(got[0], refs[0]), MIN_PSNR_DB.get(key, MIN_PSNR_DB_4BIT), True)]
-    agreement = float((got[0] == refs[0]).mean()) if got[0].shape == refs[0].shape else 0.0
-    threshold = MIN_TOKEN_AGREEMENT.get(key, MIN_TOKEN_AGREEMENT_4BIT)
-    return [Check("token_agreement", agreement, threshold, True)]
-
-
-def measure_fidelity(component: str, load, path: Path, sources: dict, inputs: dict, refs, precision: str) -> dict:
-    """The fp32 module with the package's decompressed weights against the fp32 reference; raises ParityError."""
-    module = load()
-    load_package_weights(module, path, sources)
-    with torch.no_grad():
-        out = module(**inputs)
-    got = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
-    del module
-    return require(component, fidelity_checks(component, got, refs, precision))
 
 
 # ----------------------------------------------------------------------------------------------- components

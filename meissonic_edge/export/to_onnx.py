@@ -13,12 +13,8 @@ The CLIP text encoder is exported with torch.onnx too, not optimum: see the READ
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import gc
 import logging
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meissonic_edge import __version__
-from meissonic_edge.errors import OptionsError
+from meissonic_edge.export.cases import CHECK_GUIDANCE, check_cases
+from meissonic_edge.export.graphs import export_graph, io_spec, open_session, reference_outputs
 from meissonic_edge.export.guided import GUIDED_GRAPH, guided_reference, write_guided
+from meissonic_edge.export.manifest import (
+    check_tokenizer,
+    copy_tokenizer,
+    defaults_section,
+    model_section,
+    source_section,
+)
 from meissonic_edge.export.parity import (
     MIN_PSNR_DB,
     MIN_TOKEN_AGREEMENT,
@@ -38,229 +42,19 @@ from meissonic_edge.export.parity import (
     psnr,
     require,
 )
-from meissonic_edge.export.tiled import (
-    VQDecoderStem,
-    VQEncoderTail,
-    nearest_codebook_entry,
-    write_encoder_layer_graphs,
-    write_layer_graphs,
-)
+from meissonic_edge.export.tiled import VQDecoderStem, VQEncoderTail, write_encoder_layer_graphs, write_layer_graphs
 from meissonic_edge.fileio import atomic_directory
-from meissonic_edge.model.checkpoint import (
-    load_clip_tokenizer,
-    load_scheduler_config,
-    load_text_encoder,
-    load_transformer,
-    load_vqvae,
-    text_encoder_folders,
-    transformer_folder,
-)
+from meissonic_edge.model.checkpoint import load_clip_tokenizer, load_scheduler_config
 from meissonic_edge.model.consistency import check_model_dir
-from meissonic_edge.model.reference import vq_tokens
+from meissonic_edge.model.layout import transformer_folder
 from meissonic_edge.quant.quantize import ComponentPrecision, parse_recipe, quantize_graph
 from meissonic_edge.runtime.bundle import write_manifest
 from meissonic_edge.runtime.config import VQ_STRIDE, TransformerConfig
-from meissonic_edge.runtime.sampler import GenerationOptions, model_defaults
+from meissonic_edge.runtime.sampler import GenerationOptions
 from meissonic_edge.runtime.tiled_decoder import TILED_GRAPH, TiledDecoder
 from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH, TiledEncoder
-from meissonic_edge.runtime.tokenizer import MAX_LENGTH, ClipTokenizer
 
 logger = logging.getLogger(__name__)
-
-OPSET = 21  # int4 weights (GatherBlockQuantized) need opset 21 types
-EXTERNAL_DATA_BYTES = 100_000_000  # larger weights sit beside the graph: onnxruntime reads them without
-# parsing a second copy inside the protobuf, and the guided transformer graph shares them
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CHECK_GUIDANCE = 9.0  # the guided transformer graph is checked at upstream's default scale
-CHECK_PROMPTS = ["a red circle at the top left on a white background", "A Photo of a Cat, café-style!", ""]
-
-# ----------------------------------------------------------------------------------------------- graph contracts
-
-
-class TextEncoderGraph(nn.Module):
-    """input_ids (B, 77) -> text_embeds (B, Dp), hidden_states (B, 77, Dt) of the penultimate layer."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):
-        out = self.text_encoder(input_ids, output_hidden_states=True)
-        return out.text_embeds, out.hidden_states[-2]
-
-
-class VQDecoderGraph(nn.Module):
-    """tokens (B, h, w) -> image (B, 3, 16h, 16w) in [0, 1]: codebook lookup, decoder, clip."""
-
-    def __init__(self, vqvae):
-        super().__init__()
-        self.vqvae = vqvae
-
-    def forward(self, tokens):
-        batch, height, width = tokens.shape
-        shape = (batch, height, width, self.vqvae.config.latent_channels)
-        return self.vqvae.decode(tokens, force_not_quantize=True, shape=shape).sample.clamp(0, 1)
-
-
-class VQEncoderGraph(nn.Module):
-    """image (B, 3, H, W) in [0, 1] -> tokens (B, H/16, W/16): encoder, then the nearest codebook entry."""
-
-    def __init__(self, vqvae):
-        super().__init__()
-        self.vqvae = vqvae
-
-    def forward(self, image):
-        return nearest_codebook_entry(self.vqvae, self.vqvae.encode(image).latents)  # (B, h, w)
-
-
-class Float16Graph(nn.Module):
-    """Run `graph` in fp16 behind the float32 contract: float inputs are cast in, float outputs cast out.
-
-    The model's own float32 islands (RMSNorm statistics, the rotary table) stay float32 inside.
-    Converts `graph`'s weights in place: compute the fp32 reference outputs before wrapping.
-    """
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        self.inner = graph.half()
-
-    def forward(self, *args):
-        out = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
-        outputs = out if isinstance(out, tuple) else (out,)
-        outputs = tuple(o.float() if o.is_floating_point() else o for o in outputs)
-        return outputs if isinstance(out, tuple) else outputs[0]
-
-
-# ----------------------------------------------------------------------------------------------- the recipe
-
-
-FOLD_LIMIT = 1 << 28  # elements: larger than any weight of the model
-
-
-def fold_weight_expressions(model) -> None:
-    """Fold what is computed from weights alone (reshaping a 1x1 conv's kernel, say) into initializers.
-
-    torch.onnx folds only small tensors; a weight left behind a Reshape or Gather is one that MatMul
-    quantizers cannot see, and one the runtime recomputes at every step.
-    """
-    import onnxscript.optimizer
-
-    onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
-    onnxscript.optimizer.remove_unused_nodes(model)
-
-
-def hierarchical_names(model) -> None:
-    """Name each node after the module that produced it, e.g. `/transformer_blocks.3.attn.to_q/MatMul`."""
-    used: dict[str, int] = {}
-    for node in model.graph.all_nodes():
-        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-        module = ""
-        if scopes:
-            path = [s for s in ast.literal_eval(scopes)[:-1] if s and not s.startswith("_")]  # modules only
-            module = path[-1] if path else ""
-        base = f"/{module}/{node.op_type}" if module else f"/{node.op_type}"
-        count = used.get(base, 0)
-        used[base] = count + 1
-        node.name = base if count == 0 else f"{base}_{count}"
-
-
-@contextlib.contextmanager
-def quiet_exporter():
-    """torch.onnx reports on its own internals (missing torchvision ops, deprecations); none of it is ours."""
-    names = ["torch.onnx", "torch.export", "onnxscript", "onnx_ir"]
-    levels = {name: logging.getLogger(name).level for name in names}
-    for name in names:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.simplefilter("ignore", category=UserWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def export_graph(
-    wrapper: nn.Module,
-    sample: tuple,
-    path: Path,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_shapes: dict,
-    component: str,
-    precision: str,
-) -> list[str]:
-    """Export `wrapper` to `path`; return the bundle-relative files written (the graph and its external data).
-
-    With precision "fp16" the wrapper's weights are converted in place.
-    """
-    import onnx
-
-    wrapper.eval()
-    shapes = tuple(dynamic_shapes.get(name) for name in input_names)
-    if precision == "fp16":
-        wrapper = Float16Graph(wrapper).eval()
-        shapes = (shapes,)  # Float16Graph.forward(*args): torch.export sees one tuple argument
-    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
-    external = weight_bytes > EXTERNAL_DATA_BYTES
-    with torch.no_grad(), quiet_exporter():
-        program = torch.onnx.export(
-            wrapper,
-            sample,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=shapes,
-            opset_version=OPSET,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    fold_weight_expressions(program.model)
-    hierarchical_names(program.model)
-    program.model.metadata_props.update(
-        {
-            "meissonic_edge.component": component,
-            "meissonic_edge.precision": precision,
-            "meissonic_edge.version": __version__,
-        }
-    )
-    program.save(str(path), external_data=external)
-    del program
-    gc.collect()
-    onnx.checker.check_model(str(path))  # the path form also checks graphs with external data
-    files = [path.name]
-    if (path.parent / (path.name + ".data")).exists():
-        files.append(path.name + ".data")
-    return files
-
-
-def io_spec(session) -> dict:
-    def describe(args):
-        return [{"name": a.name, "dtype": a.type, "shape": list(a.shape)} for a in args]
-
-    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
-
-
-def open_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-# ----------------------------------------------------------------------------------------------- parity
-
-
-def reference_outputs(component: str, graph: nn.Module, inputs: dict) -> list[np.ndarray]:
-    """What PyTorch computes for the graph contract of `component` (fp32)."""
-    with torch.no_grad():
-        if component == "vq_encoder":  # diffusers' own quantizer, not our export wrapper's arithmetic
-            return [vq_tokens(graph.vqvae, inputs["image"])]
-        out = graph(**inputs)
-    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
 def compare(component: str, session, inputs: dict, refs: list[np.ndarray], precision: str) -> dict:
@@ -506,97 +300,6 @@ EXPORTERS = {
 }
 
 
-def transformer_check_inputs(config: TransformerConfig, conditioning, grid: tuple[int, int], mask_token_id: int):
-    """Real inputs for one guided step: half the tokens decided, [negative; prompt] text conditioning."""
-    text_embeds, hidden = conditioning
-    batch = text_embeds.shape[0]
-    height, width = grid
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.codebook_size, (batch, height, width), generator=generator)
-    tokens[torch.rand(tokens.shape, generator=generator) < 0.5] = mask_token_id
-    micro = GenerationOptions(height=height * VQ_STRIDE, width=width * VQ_STRIDE).micro_conds()
-    return {
-        "tokens": tokens,
-        "encoder_hidden_states": hidden,
-        "text_embeds": text_embeds,
-        "micro_conds": torch.from_numpy(np.tile(micro, (batch, 1))),
-        "timestep": torch.full((batch,), 7.0),
-    }
-
-
-def check_cases(model_dir: Path, text_encoder_dir: Path | None, tokenizer_dir: Path, check_size: tuple[int, int]):
-    """Yield (component, load, real check inputs) in export order; `load()` gives the fp32 graph module.
-
-    The inputs are real: prompts through the bundle's tokenizer, the text encoder's output as the
-    transformer's conditioning, decoded images as the VQ encoder's input. Nothing here keeps a module
-    alive between components, so one component's weights are in memory at a time.
-    """
-    scheduler = load_scheduler_config(model_dir)
-    config = TransformerConfig.from_json_file(transformer_folder(model_dir) / "config.json")
-    grid = (check_size[0] // VQ_STRIDE, check_size[1] // VQ_STRIDE)
-    input_ids = torch.from_numpy(ClipTokenizer.from_dir(tokenizer_dir).encode(CHECK_PROMPTS))
-
-    def load_text_encoder_graph():
-        return TextEncoderGraph(load_text_encoder(model_dir, text_encoder_dir))
-
-    def load_transformer_graph():
-        transformer = load_transformer(model_dir)
-        transformer.mask_token_id = scheduler.mask_token_id  # for GPTQ calibration, which samples real steps
-        return transformer
-
-    def load_vq(kind):
-        return lambda: kind(load_vqvae(model_dir))
-
-    with torch.no_grad():  # [negative ""; prompt] conditioning for the transformer's check
-        conditioning = load_text_encoder_graph()(input_ids[[2, 0]])
-    gc.collect()
-    yield "text_encoder", load_text_encoder_graph, {"input_ids": input_ids}
-    inputs = transformer_check_inputs(config, conditioning, grid, scheduler.mask_token_id)
-    yield "transformer", load_transformer_graph, inputs
-
-    tokens = torch.randint(0, config.codebook_size, (2, *grid), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # decoded images are realistic inputs for the encoder's check
-        images = load_vq(VQDecoderGraph)()(tokens)
-    gc.collect()
-    yield "vq_decoder", load_vq(VQDecoderGraph), {"tokens": tokens}
-    yield "vq_encoder", load_vq(VQEncoderGraph), {"image": images}
-
-
-# ----------------------------------------------------------------------------------------------- the bundle
-
-
-def copy_tokenizer(model_dir: Path, text_encoder_dir: Path | None, out_dir: Path) -> None:
-    _, source = text_encoder_folders(model_dir, text_encoder_dir)
-    target = out_dir / "tokenizer"
-    target.mkdir()
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-
-
-def check_tokenizer(reference_tokenizer, bundle_tokenizer_dir: Path) -> dict:
-    """The runtime tokenizer must give exactly CLIPTokenizer's ids."""
-    ours = ClipTokenizer.from_dir(bundle_tokenizer_dir).encode(CHECK_PROMPTS)
-    theirs = reference_tokenizer(
-        CHECK_PROMPTS, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="np"
-    ).input_ids
-    agreement = float((ours == theirs).mean())
-    return require("tokenizer", [Check("id_agreement", agreement, 1.0, True)])
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """ "256" or "256x384" (height x width) -> (256, 384)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise OptionsError(f"size must be N or HxW in pixels, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise OptionsError(f"size must be N or HxW in pixels, got {text!r}")
-    return parts[0], parts[1]
-
-
 def export_onnx(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -663,40 +366,6 @@ def export_onnx(
         }
         write_manifest(tmp, manifest)
     return Path(out_dir)
-
-
-def source_section(model_dir: Path, text_encoder_dir: Path | None) -> dict:
-    return {"model_dir": model_dir.name, "text_encoder_dir": text_encoder_dir.name if text_encoder_dir else None}
-
-
-def model_section(scheduler, config: TransformerConfig) -> dict:
-    """What a runtime needs to drive the graphs, for the manifest."""
-    return {
-        "mask_token_id": scheduler.mask_token_id,
-        "masking_schedule": scheduler.masking_schedule,
-        "codebook_size": config.codebook_size,
-        "vocab_size": config.vocab_size,
-        "vq_stride": VQ_STRIDE,
-        "token_stride": config.token_stride,
-        "feature_compression": config.downsample,
-        "text_max_length": MAX_LENGTH,
-        "text_hidden_size": config.joint_attention_dim,
-        "pooled_projection_dim": config.pooled_projection_dim,
-    }
-
-
-def defaults_section(model_dir: Path | None = None) -> dict:
-    d = model_defaults(model_dir)
-    return {
-        "steps": d.steps,
-        "guidance_scale": d.guidance_scale,
-        "negative_prompt": d.negative_prompt,
-        "temperature": list(d.temperature),
-        "token_temperature": d.token_temperature,
-        "height": d.height,
-        "width": d.width,
-        "micro_conditions": {"aesthetic_score": d.aesthetic_score, "crop": list(d.crop)},
-    }
 
 
 def verify_parity(

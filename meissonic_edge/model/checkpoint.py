@@ -23,52 +23,11 @@ from pathlib import Path
 import torch
 
 from meissonic_edge.errors import ModelDirError, WeightsError
+from meissonic_edge.model.layout import require_dir, safetensors_files, text_encoder_folders, transformer_folder
 from meissonic_edge.model.transformer import MeissonicTransformer
-from meissonic_edge.runtime.config import SchedulerConfig, TransformerConfig, read_json
+from meissonic_edge.runtime.config import SchedulerConfig, TransformerConfig
 
 logger = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-CONVERT_HINT = (
-    'convert it once, in a process you trust, with: python -c "import torch, safetensors.torch as st; '
-    "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
-)
-
-
-def require_dir(path: Path, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise ModelDirError(f"{what} not found: {path}")
-    if not path.is_dir():
-        raise ModelDirError(f"{what} is not a directory: {path}")
-    return path
-
-
-def safetensors_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors file(s) named `stem` in `folder` (one file, or the shards of an index).
-
-    Refuses pickle checkpoints with a message that says how to convert them.
-    """
-    single = folder / f"{stem}.safetensors"
-    if single.is_file():
-        return [single]
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise WeightsError(f"{index}: no weight_map")
-        shards = [folder / name for name in sorted(set(weight_map.values()))]
-        for shard in shards:
-            if shard.resolve().parent != folder.resolve() or not shard.is_file():
-                raise WeightsError(f"{index}: shard {shard.name} is missing or outside {folder}")
-        return shards
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise WeightsError(
-            f"{folder / pickles[0]} is a pickle checkpoint; only safetensors are loaded (pickles can run code): "
-            + CONVERT_HINT
-        )
-    raise WeightsError(f"no {stem}.safetensors in {folder}")
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -82,16 +41,6 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{file} is not a readable safetensors file: {e}") from None
     return state
-
-
-def transformer_folder(model_dir: Path) -> Path:
-    """`model_dir/transformer`, or `model_dir` itself when it is the transformer folder."""
-    model_dir = require_dir(model_dir, "model directory")
-    if (model_dir / "transformer").is_dir():
-        return model_dir / "transformer"
-    if (model_dir / "config.json").is_file() and any(model_dir.glob("diffusion_pytorch_model.*")):
-        return model_dir
-    raise ModelDirError(f"no transformer/ folder in {model_dir}")
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, config: Path) -> None:
@@ -159,22 +108,6 @@ def load_vqvae(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise WeightsError(f"{folder}: cannot load the VQ model: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-def text_encoder_folders(model_dir: Path, text_encoder_dir: Path | None) -> tuple[Path, Path]:
-    """(text encoder folder, tokenizer folder).
-
-    By default `model_dir/text_encoder` and `model_dir/tokenizer`. `text_encoder_dir` replaces both, as
-    upstream's scripts do with CLIP-ViT-H-14: either a folder in the same layout (with `text_encoder/` and
-    `tokenizer/`) or a flat transformers folder holding the model and the tokenizer files together.
-    """
-    if text_encoder_dir is None:
-        root = require_dir(model_dir, "model directory")
-        return root / "text_encoder", root / "tokenizer"
-    root = require_dir(text_encoder_dir, "text encoder directory")
-    if (root / "text_encoder").is_dir():
-        return root / "text_encoder", root / "tokenizer"
-    return root, root
 
 
 def load_text_encoder(model_dir: str | Path, text_encoder_dir: str | Path | None = None, dtype=torch.float32):

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 from meissonic_edge.errors import ConfigError, ModelDirError, WeightsError
-from meissonic_edge.model.checkpoint import require_dir, safetensors_files, text_encoder_folders, transformer_folder
+from meissonic_edge.model.layout import require_dir, safetensors_files, text_encoder_folders, transformer_folder
 from meissonic_edge.runtime.config import VQ_STRIDE, SchedulerConfig, TransformerConfig, read_json
 from meissonic_edge.runtime.tokenizer import MAX_LENGTH
 
@@ -57,7 +57,7 @@ VQ_DEFAULTS = {
 def check_model_dir(model_dir: str | Path, text_encoder_dir: str | Path | None = None) -> None:
     """Raise a one-line `MeissonicError` if the components of `model_dir` do not fit together.
 
-    `text_encoder_dir` replaces the text encoder and tokenizer as in `checkpoint.text_encoder_folders`.
+    `text_encoder_dir` replaces the text encoder and tokenizer as in `layout.text_encoder_folders`.
     """
     root = require_dir(Path(model_dir), "model directory")
     text_root = Path(text_encoder_dir) if text_encoder_dir else None
