@@ -10,7 +10,7 @@ single-run graphs without onnxruntime's arena) and, in low-memory mode, the tile
 that bundles exported with it carry. This script exports the preset's VQ encoder alone (random weights, the
 exporter's own `export_graph` and tiled-encoder writer, fp32 and optionally fp16), then encodes one image
 per size, precision and mode, each in a fresh process, and records the session's load seconds, the encode's
-seconds, the peak resident memory of the encode phase (sampled every 5 ms, `bench.RssMonitor`) and of the
+seconds, the peak resident memory of the encode phase (sampled every 5 ms, `bench.memory.RssMonitor`) and of the
 process (VmHWM).
 Writes `report.json` and `report.md` into --out.
 """
