@@ -231,7 +231,7 @@ def test_bad_recipe_files(tmp_path, component, message):
 def test_shipped_recipes_parse():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parent.parent / "export" / "recipes").glob("*.json"))
+    recipes = sorted((Path(__file__).parents[2] / "export" / "recipes").glob("*.json"))
     assert recipes
     for path in recipes:
         recipe = parse_recipe(str(path))

@@ -14,7 +14,7 @@ from meissonic_edge.errors import ConfigError, ModelDirError, WeightsError
 from meissonic_edge.model import consistency
 from meissonic_edge.model.consistency import check_model_dir
 
-DEMO_MODEL = Path(__file__).parent.parent / "meissonic_edge" / "demo_model"
+DEMO_MODEL = Path(__file__).parents[2] / "meissonic_edge" / "demo_model"
 T_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 TE_WEIGHTS = "text_encoder/model.safetensors"
 VQ_WEIGHTS = "vqvae/diffusion_pytorch_model.safetensors"
