@@ -13,6 +13,26 @@ from typing import BinaryIO
 from meissonic_edge.errors import OptionsError
 
 
+def check_file_path(path: str | Path) -> Path:
+    """Refuse an output file that cannot be written, before any work: a folder there, or no folder to put it in."""
+    path = Path(path)
+    if path.is_dir():
+        raise OptionsError(f"cannot write {path}: it is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        problem = f"{folder} is a file, not a folder" if folder.exists() else f"folder {folder} does not exist"
+        raise OptionsError(f"cannot write {path}: {problem}")
+    return path
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file (so no folder can be made below it), else None."""
+    for ancestor in path.parents:
+        if ancestor.exists():
+            return None if ancestor.is_dir() else ancestor
+    return None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
@@ -24,6 +44,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     if path.exists() and not overwrite:
         raise OptionsError(f"{path} already exists (choose another path, or pass --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise OptionsError(f"cannot write {path}: {blocker} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))

@@ -15,6 +15,7 @@ from meissonic_edge.cli.bench import add_bench_parser
 from meissonic_edge.cli.demo import add_demo_parsers
 from meissonic_edge.cli.sensitivity import add_sensitivity_parser
 from meissonic_edge.errors import MeissonicError, OptionsError
+from meissonic_edge.fileio import check_file_path
 
 logger = logging.getLogger("meissonic_edge")
 
@@ -135,10 +136,7 @@ def overrides(args) -> dict:
 def check_output_path(output: Path) -> None:
     from meissonic_edge.runtime.imaging import image_format
 
-    if output.is_dir():
-        raise OptionsError(f"cannot write {output}: it is a directory")
-    if str(output.parent) and not output.parent.is_dir():
-        raise OptionsError(f"cannot write {output}: folder {output.parent} does not exist")
+    check_file_path(output)
     image_format(output)
 
 

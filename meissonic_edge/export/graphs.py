@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from meissonic_edge import __version__
-from meissonic_edge.export.tiled import nearest_codebook_entry
 from meissonic_edge.model.reference import vq_tokens
 
 OPSET = 21  # int4 weights (GatherBlockQuantized) need opset 21 types
@@ -50,6 +49,14 @@ class VQDecoderGraph(nn.Module):
         batch, height, width = tokens.shape
         shape = (batch, height, width, self.vqvae.config.latent_channels)
         return self.vqvae.decode(tokens, force_not_quantize=True, shape=shape).sample.clamp(0, 1)
+
+
+def nearest_codebook_entry(vqvae, latents):
+    """latents (B, C, h, w) after quant_conv -> the index of the nearest codebook entry (B, h, w)."""
+    latents = latents.permute(0, 2, 3, 1)  # (B, h, w, C)
+    codebook = vqvae.quantize.embedding.weight  # (K, C)
+    distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T  # |z|^2 is the same for every entry
+    return distances.argmin(-1)  # (B, h, w)
 
 
 class VQEncoderGraph(nn.Module):

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from meissonic_edge.errors import MeissonicError
+from meissonic_edge.export.graphs import OPSET, nearest_codebook_entry
 from meissonic_edge.runtime.tiled_decoder import TILED_GRAPH
 from meissonic_edge.runtime.tiled_encoder import TILED_ENCODER_GRAPH
 
-OPSET = 21
 IR_VERSION = 10  # onnxruntime >= 1.18 reads it
 
 
@@ -300,14 +300,6 @@ def write_layer_graphs(vqvae, out_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- the encoder
-
-
-def nearest_codebook_entry(vqvae, latents):
-    """latents (B, C, h, w) after quant_conv -> the index of the nearest codebook entry (B, h, w)."""
-    latents = latents.permute(0, 2, 3, 1)  # (B, h, w, C)
-    codebook = vqvae.quantize.embedding.weight  # (K, C)
-    distances = codebook.pow(2).sum(-1) - 2 * latents @ codebook.T  # |z|^2 is the same for every entry
-    return distances.argmin(-1)  # (B, h, w)
 
 
 class VQEncoderTail(nn.Module):

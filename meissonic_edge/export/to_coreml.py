@@ -9,7 +9,7 @@ Every `convert_<component>()` follows the same recipe (`convert_component`):
   3. read the weights back from the saved package, decompress them, load them into the fp32 PyTorch module
      and compare it with the reference against named thresholds; a failure raises `ParityError` and the
      bundle is not written. CoreML cannot run predictions on Linux, so this measures what the weight
-     compression (and fp16 storage) does; fp16 arithmetic is measured on a Mac (tests/test_export_coreml.py).
+     compression (and fp16 storage) does; fp16 arithmetic is measured on a Mac (tests/export/test_export_coreml.py).
 
 Decisions (runtimes/swift/README.md says what an app sees):
 - Fixed shapes, one package per image size (`transformer_512.mlpackage`): coremltools 9 cannot convert the

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.fileio import write_text_atomic
+from meissonic_edge.fileio import check_file_path, write_text_atomic
 from meissonic_edge.model.transformer import MeissonicTransformer
 from meissonic_edge.quant.sensitivity import ALL_GROUPS, BLOCK_SIZES, GroupSensitivity, layer_groups
 from meissonic_edge.runtime.config import TransformerConfig
@@ -108,11 +108,7 @@ def check_recipe_path(out_path: str | Path) -> Path:
     out_path = Path(out_path)
     if out_path.suffix != ".json":
         raise OptionsError(f"the recipe must be a .json file (that is how --precision tells it apart), got {out_path}")
-    if out_path.is_dir():
-        raise OptionsError(f"cannot write {out_path}: it is a directory")
-    if not out_path.parent.is_dir():
-        raise OptionsError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
-    return out_path
+    return check_file_path(out_path)
 
 
 def report_paths(out_path: str | Path) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from meissonic_edge.errors import OptionsError
+from meissonic_edge.fileio import check_file_path
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -28,10 +29,8 @@ def image_format(path: Path) -> str:
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Write `image` to `path` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
+    path = check_file_path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OptionsError(f"cannot write {path}: folder {folder} does not exist")
     fmt = image_format(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
