@@ -5,7 +5,7 @@
 Editing (img2img, inpainting, outpainting) adds one phase before text-to-image's: the image through
 `vq_encoder`. The exporter leaves the VQ graphs fp32 under a plain `int8` or `int4` precision and under
 `export/recipes/low-memory.json`, so the int8 bundle and the low-memory int4 bundle run the same fp32 encoder
-graph; what differs is the runtime's session policy (`runtime.session_options`: low-memory mode runs the
+graph; what differs is the runtime's session policy (`runtime.onnx_pipeline.session_options`: low-memory mode runs the
 single-run graphs without onnxruntime's arena) and, in low-memory mode, the tiled encoder (`tiled_encoder.py`)
 that bundles exported with it carry. This script exports the preset's VQ encoder alone (random weights, the
 exporter's own `export_graph` and tiled-encoder writer, fp32 and optionally fp16), then encodes one image

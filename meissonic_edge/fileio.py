@@ -18,7 +18,7 @@ def check_file_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OptionsError(f"cannot write {path}: it is a directory")
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         problem = f"{folder} is a file, not a folder" if folder.exists() else f"folder {folder} does not exist"
         raise OptionsError(f"cannot write {path}: {problem}")
@@ -44,15 +44,14 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     if path.exists() and not overwrite:
         raise OptionsError(f"{path} already exists (choose another path, or pass --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
-    blocker = file_in_the_way(path)
-    if blocker is not None:
-        raise OptionsError(f"cannot write {path}: {blocker} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
         ordinary_permissions(tmp, 0o777)
     except OSError as e:
-        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
+        blocker = file_in_the_way(path)  # mkdir says "File exists" or "Not a directory": name the file instead
+        problem = f"{blocker} is a file, not a folder" if blocker else e.strerror
+        raise OptionsError(f"cannot write {path}: {problem}") from None
     try:
         yield tmp
         if path.exists():
@@ -75,16 +74,22 @@ def ordinary_permissions(path: str | Path, mode: int) -> None:
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write `path` through a temporary file beside it, renamed over `path` only when `write(file)` succeeds."""
+    """Write `path` through a temporary file beside it, renamed over `path` only when `write(file)` succeeds.
+
+    An OSError (no space, no permission) is an OptionsError naming `path`; nothing is left behind.
+    """
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = None
     try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         with os.fdopen(handle, "wb") as f:
             write(f)
         ordinary_permissions(tmp, 0o666)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

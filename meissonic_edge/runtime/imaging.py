@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from meissonic_edge.errors import OptionsError
-from meissonic_edge.fileio import check_file_path
+from meissonic_edge.fileio import check_file_path, write_atomic
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -30,20 +28,5 @@ def image_format(path: Path) -> str:
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Write `image` to `path` atomically (temporary file in the same folder, then rename)."""
     path = check_file_path(path)
-    folder = path.parent if str(path.parent) else Path(".")
     fmt = image_format(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OptionsError(f"cannot write {path}: {e.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: image.save(f, format=fmt))
